@@ -1,0 +1,41 @@
+"""The `ecdit` command: `ecdit <command> [--flags]`.
+
+Each command lives in its own module exposing `main(argv)`; its absl flags are defined when that module is
+imported, so a command only pays for (and only shows) its own flags.
+"""
+import importlib
+import sys
+
+from absl import app
+
+COMMANDS = {
+    'train': ('ecdit.train.main', 'train an experiment (default: shapes_tiny into ./runs/shapes_tiny)'),
+    'sample': ('ecdit.diffusion.sample_main', 'write a PNG grid of samples for prompts from a workdir'),
+    'prepare': ('ecdit.data.prepare', 'materialise an experiment\'s dataset under its data dir'),
+    'params': ('ecdit.models.params', 'total and activated parameter counts, without allocating'),
+    'bench': ('ecdit.bench.main', 'benchmarks, e.g. `ecdit bench routing`'),
+}
+
+
+def usage() -> str:
+  lines = ['usage: ecdit <command> [--flags]   (ecdit <command> --help for its flags)', '', 'commands:']
+  lines += [f'  {name:<9} {help_}' for name, (_, help_) in COMMANDS.items()]
+  return '\n'.join(lines)
+
+
+def run(argv=None):
+  argv = list(sys.argv if argv is None else argv)
+  if len(argv) < 2 or argv[1] in ('-h', '--help', 'help'):
+    print(usage())
+    return 0 if len(argv) >= 2 else 2
+  command = argv[1]
+  if command not in COMMANDS:
+    print(f'ecdit: unknown command {command!r}; expected one of {sorted(COMMANDS)}\n\n{usage()}',
+          file=sys.stderr)
+    return 2
+  module = importlib.import_module(COMMANDS[command][0])
+  app.run(module.main, argv=[f'ecdit {command}'] + argv[2:])
+
+
+if __name__ == '__main__':
+  sys.exit(run())
