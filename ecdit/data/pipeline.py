@@ -1,0 +1,166 @@
+"""The training input pipeline: grain over a prepared dataset's `as_data_source()`.
+
+The stream is a pure function of (seed, split, position), which is what makes it checkpointable:
+
+  stream[k]     = source[shuffle_epoch(k mod N)], epoch = k div N; each epoch reshuffled from (seed, epoch)
+  global batch b = stream[b·G : (b+1)·G]        (G = global batch size)
+  process p gets rows p·G/P … (p+1)·G/P − 1 of every global batch (P = process count)
+
+Caption dropout (the empty caption, for classifier-free guidance) is decided per stream position k from a
+hash of (seed, k), so it too is the same on every run. The iterator's state is just the number of global
+batches consumed; resuming recreates the stream from that position. Because the global batch does not depend
+on P, a run may even resume on a different number of processes and see the same global batches.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import grain
+import jax
+import numpy as np
+
+from ecdit.data import config as config_lib
+from ecdit.data import prepare as prepare_lib
+from ecdit.data import reader
+
+_STATE_VERSION = 1
+_MASK64 = (1 << 64) - 1
+
+
+def _uniform(seed: int, positions: np.ndarray) -> np.ndarray:
+  """Uniform [0, 1) numbers, one per stream position, from a splitmix64 hash of (seed, position)."""
+  with np.errstate(over='ignore'):
+    z = positions.astype(np.uint64) + np.uint64((seed * 0x9E3779B97F4A7C15 + 0x632BE59BD9B4E019) & _MASK64)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    z = z ^ (z >> np.uint64(31))
+  return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Collate:
+  """Turns a list of stream elements into one host batch (picklable, for grain worker processes)."""
+  tokenizer: Any
+  dropout: float
+  dropout_seed: int
+
+  def __call__(self, elements):
+    positions = np.array([e['position'] for e in elements], np.uint64)
+    keep = _uniform(self.dropout_seed, positions) >= self.dropout
+    captions = [e['caption'].decode('utf-8') if k else '' for e, k in zip(elements, keep)]
+    ids, mask = self.tokenizer.encode_batch(captions)
+    image = np.stack([e['image'] for e in elements]).astype(np.float32)
+    batch = {'image': image * np.float32(2.0 / 255.0) - np.float32(1.0), 'text_ids': ids, 'text_mask': mask,
+             'caption': captions}
+    if 'latent' in elements[0]:
+      batch['latent'] = np.stack([e['latent'] for e in elements]).astype(np.float32)
+    return batch
+
+
+def _with_position(position: int, record: dict) -> dict:
+  out = {'position': position, 'image': record['image'], 'caption': record['caption']}
+  if 'latent' in record:
+    out['latent'] = record['latent']
+  return out
+
+
+class TrainIterator:
+  """Iterator of batch dicts; `get_state()` / `set_state()` checkpoint it (a small JSON-serialisable dict)."""
+
+  def __init__(self, batches: grain.MapDataset, *, sharding, global_batch_size: int, worker_count: int,
+               identity: dict[str, Any]):
+    self._batches = batches
+    self._sharding = sharding
+    self._global_batch_size = global_batch_size
+    self._worker_count = worker_count
+    self._identity = identity
+    self._step = 0
+    self._iter = None
+
+  def _start(self):
+    ds = self._batches[self._step:].to_iter_dataset(
+        grain.ReadOptions(num_threads=1, prefetch_buffer_size=2))
+    if self._worker_count > 0:
+      ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self._worker_count))
+    self._iter = iter(ds)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, Any]:
+    if self._iter is None:
+      self._start()
+    batch = next(self._iter)   # StopIteration ends a finite (num_epochs) stream
+    self._step += 1
+    if self._sharding is None:
+      return batch
+    out = {'caption': batch['caption']}
+    for key, value in batch.items():
+      if key != 'caption':
+        shape = (self._global_batch_size,) + value.shape[1:]
+        out[key] = jax.make_array_from_process_local_data(self._sharding, value, shape)
+    return out
+
+  @property
+  def step(self) -> int:
+    """Global batches consumed so far."""
+    return self._step
+
+  def get_state(self) -> dict[str, Any]:
+    return {'version': _STATE_VERSION, 'step': self._step, **self._identity}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    if not isinstance(state, dict) or state.get('version') != _STATE_VERSION or 'step' not in state:
+      raise ValueError(f'not an input-pipeline state of version {_STATE_VERSION}: {state!r}')
+    for key, value in self._identity.items():
+      if state.get(key) != value:
+        raise ValueError(f'input-pipeline state was saved with {key}={state.get(key)!r} but this pipeline has '
+                         f'{key}={value!r}; the stream would differ, so it cannot resume')
+    self._step = int(state['step'])
+    self._iter = None   # restarted lazily from the new position
+
+
+def make_train_iterator(data_cfg, *, global_batch_size: int, sharding, tokenizer, split: str = 'train',
+                        seed: int | None = None, process_index: int | None = None,
+                        process_count: int | None = None, num_epochs: int | None = None) -> TrainIterator:
+  """Batches of {'image' f32 [B,H,W,C] in [-1,1], 'text_ids' i32 [B,L], 'text_mask' bool [B,L], 'caption'
+  (host-local list of str), 'latent' (if the dataset has it)}.
+
+  With a `jax.sharding.Sharding` the arrays are global `jax.Array`s of batch size `global_batch_size` (the
+  sharding must only split the leading, batch axis); with `sharding=None` they are this process's numpy
+  rows. `process_index`/`process_count` default to JAX's; tests pass them to simulate several hosts.
+  `num_epochs=None` repeats forever; otherwise the stream stops after that many epochs (whole batches only).
+  The dataset must already be prepared (`ecdit.data.prepare.prepare`).
+  """
+  config_lib.validate_data_config(data_cfg)
+  p = jax.process_index() if process_index is None else int(process_index)
+  n = jax.process_count() if process_count is None else int(process_count)
+  if n < 1 or not 0 <= p < n:
+    raise ValueError(f'process_index={p} / process_count={n}: need 0 <= process_index < process_count')
+  if global_batch_size < 1 or global_batch_size % n:
+    raise ValueError(f'global_batch_size={global_batch_size} must be a positive multiple of the process '
+                     f'count {n}')
+  if num_epochs is not None and num_epochs < 1:
+    raise ValueError(f'num_epochs={num_epochs}: expected None (repeat forever) or >= 1')
+  seed = data_cfg.seed if seed is None else int(seed)
+  if not 0 <= seed < 2**31:
+    raise ValueError(f'seed={seed}: expected an integer in [0, 2**31)')
+  local = global_batch_size // n
+
+  source = reader.data_source(prepare_lib.dataset_dir(data_cfg), split, data_cfg.image_size)
+  num_examples = len(source)
+  if num_examples == 0:
+    raise ValueError(f'split {split!r} of {prepare_lib.dataset_dir(data_cfg)} is empty')
+  ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat(num_epochs)
+  ds = ds.map_with_index(_with_position)
+  collate = _Collate(tokenizer, float(data_cfg.caption_dropout), seed + 1)
+  ds = ds.batch(local, drop_remainder=True, batch_fn=collate)
+  if num_epochs is not None:
+    ds = ds[:(num_examples * num_epochs // global_batch_size) * n]   # whole global batches only
+  ds = ds[p::n]
+  identity = {'split': split, 'seed': seed, 'global_batch_size': global_batch_size,
+              'num_examples': num_examples, 'caption_dropout': float(data_cfg.caption_dropout),
+              'text_length': int(tokenizer.length)}
+  return TrainIterator(ds, sharding=sharding, global_batch_size=global_batch_size,
+                       worker_count=data_cfg.worker_count, identity=identity)
