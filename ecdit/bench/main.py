@@ -1,0 +1,41 @@
+"""`ecdit bench <name> [--flags]`: run one benchmark and print its table.
+
+Benchmarks: routing (gather vs one-hot MoE dispatch). `--quick` shrinks the work to fit a few minutes on a
+small CPU machine. Numbers are only comparable within one run (ratios); the machine may be shared and noisy.
+"""
+from __future__ import annotations
+
+from absl import app
+from absl import flags
+
+_QUICK = flags.DEFINE_bool('quick', False, 'smaller run: 4096 tokens per step instead of 16384')
+_TOKENS = flags.DEFINE_integer('tokens', None, 'tokens per step (default 16384, or 4096 with --quick)')
+_REPS = flags.DEFINE_integer('reps', None, 'timed repetitions per case (default 5)')
+_WARMUP = flags.DEFINE_integer('warmup', 1, 'untimed runs per case after compiling')
+_EXPERTS = flags.DEFINE_list('experts', ['8', '64'], 'expert counts E to measure')
+_GROUPS = flags.DEFINE_list('group_sizes', ['256', '1024', '4096'],
+                            'routing-group sizes S (multiples of 256 dividing --tokens)')
+
+
+def _routing():
+  from ecdit.bench import routing  # pylint: disable=import-outside-toplevel
+  def ints(flag):
+    try:
+      return [int(v) for v in flag.value]
+    except ValueError:
+      raise app.UsageError(f'--{flag.name}={",".join(flag.value)} is invalid: expected integers') from None
+  try:
+    routing.run(quick=_QUICK.value, tokens=_TOKENS.value, reps=_REPS.value, warmup=_WARMUP.value,
+                experts=ints(_EXPERTS), groups=ints(_GROUPS))
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
+
+
+BENCHMARKS = {'routing': _routing}
+
+
+def main(argv):
+  names = argv[1:]
+  if len(names) != 1 or names[0] not in BENCHMARKS:
+    raise app.UsageError(f'expected one benchmark name, one of {sorted(BENCHMARKS)}; got {names}')
+  BENCHMARKS[names[0]]()

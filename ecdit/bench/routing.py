@@ -1,0 +1,119 @@
+"""`ecdit bench routing`: the MoE layer's `gather` vs `onehot` dispatch, forward + backward.
+
+For each expert count E and routing-group size S, one MoE FFN (d=384, hidden 4d, f_c=2, expert choice,
+float32) runs a jitted `value_and_grad` w.r.t. params and input over a fixed number of tokens N, cut into
+N/S groups — so the expert FLOPs are the same in every row and only the dispatch cost changes with S:
+the one-hot path builds a `[G, E, C, S]` tensor (f_c·S² entries per group), the gather path `[G, E, C]`
+indices.
+
+Reported per row:
+  - time: median wall time of the compiled step over `reps` runs after `warmup` runs (compile excluded),
+    the backends taking turns within each rep;
+  - temp: `compiled.memory_analysis().temp_size_in_bytes`, the scratch buffers XLA allocates for the whole
+    step (activations kept for the backward pass, intermediates, gradients before they are returned) —
+    excluding the arguments (params, x) and outputs, which are the same for both backends. It is XLA's
+    planned peak of live temporaries, not a measurement of process RSS.
+Ratios are onehot / gather from the same run, the number to trust on a noisy shared machine.
+"""
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+
+from ecdit.layers import moe
+from ecdit.models.config import ModelConfig
+
+IMAGE_TOKENS = 256  # a 32×32 latent with 2×2 patches; groups of S > 256 span S/256 images
+
+
+@dataclasses.dataclass
+class Row:
+  experts: int
+  group: int
+  groups: int
+  capacity: int
+  ms: dict          # backend -> median milliseconds
+  temp_mib: dict    # backend -> compiled temp MiB
+
+
+def _config(experts: int, group: int, backend: str, width: int) -> ModelConfig:
+  scope = dict(routing_scope='image') if group == IMAGE_TOKENS else dict(routing_scope='group', group_size=group)
+  return ModelConfig(width=width, num_heads=width // 64, mlp_ratio=4, num_experts=experts, capacity_factor=2.0,
+                     moe_backend=backend, **scope).validate()
+
+
+def _time_interleaved(fns: dict, args, warmup: int, reps: int) -> dict:
+  """Median milliseconds per compiled fn. The fns take turns within each rep, so load from other processes on
+  a shared machine hits them alike and their ratio stays meaningful."""
+  for fn in fns.values():
+    for _ in range(warmup):
+      jax.block_until_ready(fn(*args))
+  times = {name: [] for name in fns}
+  for _ in range(reps):
+    for name, fn in fns.items():
+      start = time.perf_counter()
+      jax.block_until_ready(fn(*args))
+      times[name].append(time.perf_counter() - start)
+  return {name: statistics.median(t) * 1e3 for name, t in times.items()}
+
+
+def measure(experts: int, group: int, tokens: int, width: int, warmup: int, reps: int,
+            backends: Sequence[str] = ('gather', 'onehot')) -> Row:
+  """One table row: the same params, input and cotangent through each backend."""
+  if tokens % group or group % IMAGE_TOKENS:
+    raise ValueError(f'bench routing: group size {group} must be a multiple of {IMAGE_TOKENS} and divide '
+                     f'tokens={tokens}')
+  x = jax.random.normal(jax.random.key(0), (tokens // IMAGE_TOKENS, IMAGE_TOKENS, width), jnp.float32)
+  cotangent = jax.random.normal(jax.random.key(1), x.shape, jnp.float32)
+  # Parameter shapes do not depend on the routing scope; init on one image.
+  layer = moe.MoEFFN(_config(experts, IMAGE_TOKENS, 'gather', width))
+  params = jax.jit(lambda key: layer.init(key, x[:1], train=True))(jax.random.key(2))['params']
+  compiled_fns, temp = {}, {}
+  for backend in backends:
+    layer = moe.MoEFFN(_config(experts, group, backend, width))
+
+    def loss(p, xx, ct, layer=layer):
+      return jnp.sum(layer.apply({'params': p}, xx, train=True) * ct)
+    compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(params, x, cotangent).compile()
+    stats = compiled.memory_analysis()
+    temp[backend] = stats.temp_size_in_bytes / 2**20 if stats is not None else float('nan')
+    compiled_fns[backend] = compiled
+  ms = _time_interleaved(compiled_fns, (params, x, cotangent), warmup, reps)
+  cfg = _config(experts, group, 'gather', width)
+  return Row(experts, group, tokens // group, cfg.capacity_for(group, True), ms, temp)
+
+
+def format_table(rows: Sequence[Row]) -> str:
+  header = ('| E | group S | groups | C | gather ms | onehot ms | time onehot/gather '
+            '| gather temp MiB | onehot temp MiB | temp onehot/gather |')
+  lines = [header, '|' + '---|' * (header.count('|') - 1)]
+  for r in rows:
+    lines.append(f'| {r.experts} | {r.group} | {r.groups} | {r.capacity} '
+                 f'| {r.ms["gather"]:.1f} | {r.ms["onehot"]:.1f} | {r.ms["onehot"] / r.ms["gather"]:.2f} '
+                 f'| {r.temp_mib["gather"]:.1f} | {r.temp_mib["onehot"]:.1f} '
+                 f'| {r.temp_mib["onehot"] / r.temp_mib["gather"]:.2f} |')
+  return '\n'.join(lines)
+
+
+def run(quick: bool = False, tokens: int | None = None, reps: int | None = None, warmup: int = 1,
+        experts: Sequence[int] = (8, 64), groups: Sequence[int] = (256, 1024, 4096), width: int = 384,
+        log=print) -> list[Row]:
+  """Measures every (E, S) row and prints the table through `log`; returns the rows."""
+  tokens = tokens or (4096 if quick else 16384)
+  reps = reps or 5
+  log(f'bench routing: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}; '
+      f'{tokens} tokens per step, d={width}, hidden={4 * width}, f_c=2, float32, expert choice; '
+      f'fwd+bwd median of {reps} after {warmup} warm-up')
+  rows = []
+  for e in experts:
+    for s in groups:
+      rows.append(measure(e, s, tokens, width, warmup, reps))
+      r = rows[-1]
+      log(f'  E={e} S={s}: gather {r.ms["gather"]:.1f} ms, onehot {r.ms["onehot"]:.1f} ms')
+  log(format_table(rows))
+  return rows

@@ -1,0 +1,83 @@
+"""Attention for EC-DiT blocks: self-attention with grouped key/value heads (GQA) and cross-attention from
+image tokens to text states with a key padding mask.
+
+One module, `Attention`, does both: queries come from `x`, keys/values from `context` (= `x` for
+self-attention). Query and output projections are full width (`num_heads · head_dim`); key and value
+projections have `num_kv_heads · head_dim` outputs, and each group of `num_heads / num_kv_heads` query heads
+shares one key/value head. Parameter count (with biases): 2·d·(H·hd) + 2·d_ctx·(KV·hd) + biases, i.e. the
+paper's `d·(H + 2·KV + H)·hd` for self-attention.
+
+Logits and softmax run in float32. A query row whose keys are all masked (e.g. an empty caption) yields a
+zero output, never NaN.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+_kernel_init = nn.initializers.xavier_uniform()
+_zeros = nn.initializers.zeros_init()
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array | None = None
+                          ) -> jax.Array:
+  """q `[B, Lq, H, hd]`, k/v `[B, Lk, KV, hd]` with KV dividing H, key_mask bool `[B, Lk]` (True = attend).
+
+  Returns `[B, Lq, H, hd]` in q's dtype. Rows with no valid key give zeros."""
+  b, lq, h, hd = q.shape
+  kv = k.shape[2]
+  if h % kv:
+    raise ValueError(f'attention: {h} query heads are not a multiple of {kv} key/value heads')
+  groups = h // kv
+  qg = q.reshape(b, lq, kv, groups, hd).astype(jnp.float32)
+  logits = jnp.einsum('bqkgd,bskd->bkgqs', qg, k.astype(jnp.float32)) / jnp.sqrt(jnp.float32(hd))
+  if key_mask is not None:
+    m = key_mask[:, None, None, None, :]
+    logits = jnp.where(m, logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1)
+  if key_mask is not None:
+    # All-masked rows: softmax over uniform -inf-ish logits is uniform; zero them out explicitly.
+    probs = probs * jnp.any(key_mask, axis=-1)[:, None, None, None, None].astype(probs.dtype)
+  out = jnp.einsum('bkgqs,bskd->bqkgd', probs, v.astype(jnp.float32))
+  return out.reshape(b, lq, h, hd).astype(q.dtype)
+
+
+class Attention(nn.Module):
+  """Multi-head attention with `num_kv_heads` key/value heads. `context=None` → self-attention.
+
+  `zero_init_out`: zero-initialise the output projection (used for the cross-attention branch so that a
+  fresh block is the identity, as PixArt-α does)."""
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  out_features: int
+  zero_init_out: bool = False
+  context_axis: str = 'embed'     # logical name of the context's feature axis
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  def _dense(self, features: int, axes: tuple[str, str], name: str, kernel_init: Callable = _kernel_init):
+    return nn.Dense(features, dtype=self.dtype, param_dtype=self.param_dtype, name=name,
+                    kernel_init=nn.with_logical_partitioning(kernel_init, axes),
+                    bias_init=nn.with_logical_partitioning(_zeros, axes[1:]))
+
+  @nn.compact
+  def __call__(self, x: jax.Array, context: jax.Array | None = None, key_mask: jax.Array | None = None
+               ) -> jax.Array:
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f'num_kv_heads={self.num_kv_heads} must divide num_heads={self.num_heads}')
+    self_attn = context is None
+    ctx = x if self_attn else context
+    ctx_axis = 'embed' if self_attn else self.context_axis
+    b, lq, _ = x.shape
+    lk = ctx.shape[1]
+    h, kv, hd = self.num_heads, self.num_kv_heads, self.head_dim
+    q = self._dense(h * hd, ('embed', 'heads'), 'query')(x).reshape(b, lq, h, hd)
+    k = self._dense(kv * hd, (ctx_axis, 'kv'), 'key')(ctx).reshape(b, lk, kv, hd)
+    v = self._dense(kv * hd, (ctx_axis, 'kv'), 'value')(ctx).reshape(b, lk, kv, hd)
+    out = dot_product_attention(q, k, v, key_mask).reshape(b, lq, h * hd)
+    out_init = _zeros if self.zero_init_out else _kernel_init
+    return self._dense(self.out_features, ('heads', 'embed'), 'out', out_init)(out)

@@ -1,0 +1,126 @@
+"""The EC-DiT model: text-conditioned latent DiT whose every `moe_every`-th FFN is a Mixture-of-Experts.
+
+    velocity = ECDiT(cfg).apply({'params': p}, x, t, text, text_mask, train=..., keep_idx=None,
+                                mutable=['moe_stats', 'losses'])
+
+x NHWC `[B, H, W, C]`; t `[B]` in [0, 1]; text int32 ids `[B, L]` ('transformer') or float states
+`[B, L, text_states_dim]` ('precomputed'); text_mask bool `[B, L]`, True = real token. Returns the velocity
+`[B, H, W, C]`; with `keep_idx` int32 `[B, K]` (token masking), only the kept tokens (positions added first)
+go through the blocks and the output is their predicted patches `[B, K, patch_dim]`.
+
+Data path: patch embed + fixed 2-D sin-cos positions → (gather kept tokens) → blocks → final layer. The
+timestep embedding conditions every block (adaLN-Zero); the text encoder's states are projected to the model
+width once and read by every block's cross-attention.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from ecdit.layers.dit import DiTBlock, FinalLayer, PatchEmbed, TimestepEmbedder, sincos_pos_embed_2d, unpatchify
+from ecdit.models.config import ModelConfig
+from ecdit.models.text import TextEncoder, text_states_dim
+
+
+def check_inputs(cfg: ModelConfig, x, t, text, text_mask, keep_idx=None) -> None:
+  """Shape/dtype checks against the config, before anything is traced into a computation."""
+  def fail(name, got, want):
+    raise ValueError(f'ECDiT input {name}: got shape {tuple(got)}, expected {want}')
+
+  if x.ndim != 4 or tuple(x.shape[1:]) != (cfg.image_size, cfg.image_size, cfg.in_channels):
+    fail('x', x.shape, f'[B, {cfg.image_size}, {cfg.image_size}, {cfg.in_channels}] (NHWC, from model.image_size '
+         'and model.in_channels)')
+  b = x.shape[0]
+  if tuple(t.shape) != (b,):
+    fail('t', t.shape, f'[{b}] (one time in [0, 1] per image)')
+  if cfg.text_encoder == 'transformer':
+    if text.ndim != 2 or text.shape[0] != b or text.shape[1] > cfg.text_length:
+      fail('text', text.shape, f'int ids [{b}, L] with L <= model.text_length={cfg.text_length} '
+           "(model.text_encoder='transformer')")
+    if not jnp.issubdtype(text.dtype, jnp.integer):
+      raise ValueError(f"ECDiT input text: dtype {text.dtype}, expected integer token ids "
+                       "(model.text_encoder='transformer'; use 'precomputed' for float states)")
+  else:
+    if text.ndim != 3 or text.shape[0] != b or text.shape[2] != cfg.text_states_dim:
+      fail('text', text.shape, f'float states [{b}, L, {cfg.text_states_dim}] '
+           "(model.text_encoder='precomputed', model.text_states_dim)")
+  if tuple(text_mask.shape) != tuple(text.shape[:2]):
+    fail('text_mask', text_mask.shape, f'{list(text.shape[:2])} (bool, True = real token)')
+  if keep_idx is not None:
+    if keep_idx.ndim != 2 or keep_idx.shape[0] != b or keep_idx.shape[1] > cfg.num_tokens:
+      fail('keep_idx', keep_idx.shape, f'int [{b}, K] with K <= {cfg.num_tokens} tokens')
+
+
+class ECDiT(nn.Module):
+  config: ModelConfig
+
+  def setup(self):
+    cfg = self.config
+    dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    self.patch_embed = PatchEmbed(cfg.patch_size, cfg.width, dtype, pdtype)
+    self.t_embed = TimestepEmbedder(cfg.width, dtype, pdtype)
+    self.text_encoder = TextEncoder(cfg)
+    self.text_proj = nn.Dense(cfg.width, dtype=dtype, param_dtype=pdtype,
+                              kernel_init=nn.with_logical_partitioning(nn.initializers.xavier_uniform(),
+                                                                       ('text_embed', 'embed')),
+                              bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ('embed',)))
+    self.blocks = [DiTBlock(cfg, i, name=f'block_{i}') for i in range(cfg.depth)]
+    self.final = FinalLayer(cfg)
+
+  def __call__(self, x: jax.Array, t: jax.Array, text: jax.Array, text_mask: jax.Array, *,
+               train: bool = False, keep_idx: jax.Array | None = None) -> jax.Array:
+    cfg = self.config
+    check_inputs(cfg, x, t, text, text_mask, keep_idx)
+    dtype = jnp.dtype(cfg.dtype)
+    text_mask = text_mask.astype(bool)
+    tokens = self.patch_embed(x)
+    tokens = tokens + jnp.asarray(sincos_pos_embed_2d(cfg.width, cfg.grid_size), dtype)[None]
+    if keep_idx is not None:
+      tokens = jnp.take_along_axis(tokens, keep_idx.astype(jnp.int32)[:, :, None], axis=1)
+    tokens = nn.with_logical_constraint(tokens, ('batch', 'length', 'embed'))
+    c = self.t_embed(t)
+    ctx = self.text_proj(self.text_encoder(text, text_mask))
+    for block in self.blocks:
+      tokens = block(tokens, c, ctx, text_mask, train=train)
+    out = self.final(tokens, c)
+    if keep_idx is not None:
+      return out
+    return unpatchify(out, cfg.patch_size, cfg.grid_size, cfg.in_channels)
+
+
+def as_config(cfg: ModelConfig | Mapping[str, Any]) -> ModelConfig:
+  if isinstance(cfg, ModelConfig):
+    return cfg.validate()
+  if hasattr(cfg, 'to_dict'):   # ml_collections.ConfigDict
+    cfg = cfg.to_dict()
+  return ModelConfig.from_dict(cfg)
+
+
+def build_model(cfg: ModelConfig | Mapping[str, Any]) -> ECDiT:
+  """ECDiT from a ModelConfig or a mapping (a ConfigDict's `model` section); validates first."""
+  return ECDiT(as_config(cfg))
+
+
+def dummy_inputs(cfg: ModelConfig, batch: int = 1) -> tuple[jax.Array, ...]:
+  """Zero inputs of the right shapes/dtypes: (x, t, text, text_mask). Cheap; usable under jax.eval_shape."""
+  x = jnp.zeros((batch, cfg.image_size, cfg.image_size, cfg.in_channels), jnp.float32)
+  t = jnp.zeros((batch,), jnp.float32)
+  if cfg.text_encoder == 'transformer':
+    text = jnp.zeros((batch, cfg.text_length), jnp.int32)
+  else:
+    text = jnp.zeros((batch, cfg.text_length, text_states_dim(cfg)), jnp.float32)
+  mask = jnp.ones((batch, cfg.text_length), bool)
+  return x, t, text, mask
+
+
+def init_params(model: ECDiT, rng: jax.Array, batch_size: int = 1):
+  """Initialised parameters (the 'params' collection, boxed with logical axis metadata)."""
+  return model.init(rng, *dummy_inputs(model.config, batch_size), train=False)['params']
+
+
+def abstract_params(model: ECDiT, batch_size: int = 1):
+  """`jax.ShapeDtypeStruct` tree of the parameters, nothing allocated."""
+  return jax.eval_shape(lambda: init_params(model, jax.random.key(0), batch_size))
