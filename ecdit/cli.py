@@ -14,6 +14,7 @@ COMMANDS = {
     'prepare': ('ecdit.data.prepare', 'materialise an experiment\'s dataset under its data dir'),
     'params': ('ecdit.models.params', 'total and activated parameter counts, without allocating'),
     'bench': ('ecdit.bench.main', 'benchmarks, e.g. `ecdit bench routing`'),
+    'eval': ('ecdit.eval.main', 'GenEval-style scores for a workdir (or --ground_truth) on shapes prompts'),
 }
 
 
