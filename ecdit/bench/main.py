@@ -1,6 +1,7 @@
 """`ecdit bench <name> [--flags]`: run one benchmark and print its table.
 
-Benchmarks: routing (gather vs one-hot MoE dispatch). `--quick` shrinks the work to fit a few minutes on a
+Benchmarks: routing (gather vs one-hot MoE dispatch), data (dataset generation and input pipeline
+throughput; its own flags follow `--`, e.g. `ecdit bench data -- --num_examples=5000`). `--quick` shrinks the work to fit a few minutes on a
 small CPU machine. Numbers are only comparable within one run (ratios); the machine may be shared and noisy.
 """
 from __future__ import annotations
@@ -17,8 +18,10 @@ _GROUPS = flags.DEFINE_list('group_sizes', ['256', '1024', '4096'],
                             'routing-group sizes S (multiples of 256 dividing --tokens)')
 
 
-def _routing():
+def _routing(extra_args):
   from ecdit.bench import routing  # pylint: disable=import-outside-toplevel
+  if extra_args:
+    raise app.UsageError(f'unexpected arguments {extra_args} for the routing benchmark')
   def ints(flag):
     try:
       return [int(v) for v in flag.value]
@@ -31,11 +34,15 @@ def _routing():
     raise app.UsageError(str(e)) from None
 
 
-BENCHMARKS = {'routing': _routing}
+def _data(extra_args):
+  from ecdit.bench import data  # pylint: disable=import-outside-toplevel
+  data.run(extra_args)  # argparse flags of its own, passed after `--`
+
+
+BENCHMARKS = {'routing': _routing, 'data': _data}
 
 
 def main(argv):
-  names = argv[1:]
-  if len(names) != 1 or names[0] not in BENCHMARKS:
-    raise app.UsageError(f'expected one benchmark name, one of {sorted(BENCHMARKS)}; got {names}')
-  BENCHMARKS[names[0]]()
+  if len(argv) < 2 or argv[1] not in BENCHMARKS:
+    raise app.UsageError(f'expected one benchmark name, one of {sorted(BENCHMARKS)}; got {argv[1:]}')
+  BENCHMARKS[argv[1]](argv[2:])
