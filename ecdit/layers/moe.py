@@ -14,6 +14,9 @@
   4. runs the E stacked experts as one batched einsum; output = Σ over the experts that chose a token of
      gate · expert(token), not renormalised. A token no expert chose gets 0 (the block's residual carries it).
 
+Under `jax.set_mesh(mesh)` with ecdit's mesh axes and more than one device, steps 1-4 run expert-parallel in
+`jax.shard_map` (ecdit.parallel.moe_parallel) with the same results; one device runs the code below as is.
+
 Sown collections (only when the caller makes them mutable in `apply`; `init` sows nothing, so the variables it
 returns hold only 'params'):
   'moe_stats': experts_per_token `[B, S]` int32, experts_per_token_hist `[E+1]` (fraction of tokens with
@@ -143,10 +146,55 @@ def dispatch_and_combine(x: jax.Array, gate: jax.Array, index: jax.Array, valid:
   raise ValueError(f"model.moe_backend={backend!r} is invalid: expected one of ['gather', 'onehot']")
 
 
+# ---- routing and statistics, shared by the single-device and the expert-parallel paths --------------------
+
+def route(xg: jax.Array, router: jax.Array, cfg: ModelConfig, train: bool):
+  """Groups `[G, Sg, d]` → `(logits, probs, gate, index, valid, chosen)`, router math in float32. `valid` and
+  `chosen` are None for expert choice."""
+  logits = jnp.einsum('gsd,de->gse', xg.astype(jnp.float32), router)
+  probs = jax.nn.softmax(logits, axis=-1)                          # over experts
+  cap = cfg.capacity_for(xg.shape[1], train)
+  if cfg.routing == 'expert_choice':
+    gate, index = routing.expert_choice(probs, cap)
+    return logits, probs, gate, index, None, None
+  gate, index, valid, chosen = routing.token_choice(probs, cfg.top_k, cap)
+  return logits, probs, gate, index, valid, chosen
+
+
+def routing_stats(logits, gate, index, valid, top_k: int, total: Callable = lambda a: a,
+                  shards: int = 1) -> dict[str, jax.Array]:
+  """The 'moe_stats' values for one set of groups. Under expert parallelism each device holds `1/shards` of the
+  groups; `total` sums a value over those devices (identity on one device), so every statistic is the one a
+  single device would compute over all groups. experts_per_token stays per device: `[G, Sg]`."""
+  sg = jax.lax.stop_gradient
+  groups, experts, _ = index.shape
+  group_len = logits.shape[1]
+  filled = jnp.ones(index.shape, jnp.int32) if valid is None else valid.astype(jnp.int32)
+  counts = jax.vmap(lambda f, i: jax.ops.segment_sum(f.reshape(-1), i.reshape(-1), num_segments=group_len))(
+      filled, index)                                               # [G, Sg] experts per token
+  tokens = groups * group_len * shards
+  hist = total(jnp.sum(jax.nn.one_hot(counts, experts + 1, dtype=jnp.float32), axis=(0, 1))) / tokens
+  used = total(jnp.sum(filled))
+  stats = {
+      'experts_per_token': counts,
+      'experts_per_token_hist': hist,
+      'unrouted_fraction': hist[0],
+      'mean_gate': sg(total(jnp.sum(gate)) / jnp.maximum(used, 1)),
+      'router_logit_rms': sg(jnp.sqrt(total(jnp.sum(jnp.square(logits))) / (tokens * experts))),
+  }
+  if valid is not None:
+    stats['dropped_fraction'] = 1.0 - used / (tokens * top_k)
+  return stats
+
+
 # ---- the layer ------------------------------------------------------------------------------------------
 
 class MoEFFN(nn.Module):
-  """E full-width GeLU experts behind a float32 router; see the module docstring for routing and stats."""
+  """E full-width GeLU experts behind a float32 router; see the module docstring for routing and stats.
+
+  Called under `jax.set_mesh(mesh)` with a mesh that has ecdit's axes (data, fsdp, expert, model) and more
+  than one device, the layer runs expert-parallel inside `jax.shard_map` (ecdit.parallel.moe_parallel) with
+  the same results; otherwise it runs the single-device computation below."""
   cfg: ModelConfig
 
   @nn.compact
@@ -168,44 +216,38 @@ class MoEFFN(nn.Module):
     wo = param('wo', _expert_kernel_init, (experts, hidden, width), ('expert', 'mlp', 'embed'))
     bo = param('bo', nn.initializers.zeros_init(), (experts, width), ('expert', 'embed'))
 
-    xg = group_tokens(x, cfg)                                        # [G, Sg, d]
-    group_len = xg.shape[1]
-    logits = jnp.einsum('gsd,de->gse', xg.astype(jnp.float32), router)
-    probs = jax.nn.softmax(logits, axis=-1)                          # over experts
-    cap = cfg.capacity_for(group_len, train)
-    if cfg.routing == 'expert_choice':
-      gate, index = routing.expert_choice(probs, cap)
-      valid = None
+    want_stats = self.is_mutable_collection('moe_stats') and not self.is_initializing()
+    want_aux = cfg.routing == 'token_choice' and not self.is_initializing()
+    from ecdit.parallel import moe_parallel  # parallel builds on this module; import at use
+    mesh = None if self.is_initializing() else moe_parallel.active_mesh()
+    if mesh is not None:
+      y, stats, aux = moe_parallel.moe_expert_parallel(
+          x, (router, wi, bi, wo, bo), cfg, train, mesh, want_stats=want_stats, want_aux=want_aux)
     else:
-      gate, index, valid, chosen = routing.token_choice(probs, cfg.top_k, cap)
-      if not self.is_initializing():
-        self.sow('losses', 'aux_loss', cfg.aux_loss_weight * routing.load_balance_loss(probs, chosen))
+      y, stats, aux = self._single_device(x, (router, wi, bi, wo, bo), train, want_stats)
+    if want_aux:
+      self.sow('losses', 'aux_loss', cfg.aux_loss_weight * aux)
+    if want_stats:
+      for name, value in stats.items():
+        self.sow('moe_stats', name, value)
+    return y
 
+  def _single_device(self, x, weights, train, want_stats):
+    cfg = self.cfg
+    batch, tokens, width = x.shape
+    router, wi, bi, wo, bo = weights
+    dtype = jnp.dtype(cfg.dtype)
+    xg = group_tokens(x, cfg)                                        # [G, Sg, d]
+    logits, probs, gate, index, valid, chosen = route(xg, router, cfg, train)
+    aux = None if chosen is None else routing.load_balance_loss(probs, chosen)
     cast = lambda a: a.astype(dtype)  # noqa: E731
     expert_fn = lambda xe: run_experts(xe, cast(wi), cast(bi), cast(wo), cast(bo))  # noqa: E731
     y = dispatch_and_combine(cast(xg), gate, index, valid, cfg.moe_backend, expert_fn)
-
-    if self.is_mutable_collection('moe_stats') and not self.is_initializing():
-      self._sow_stats(logits, gate, index, valid, group_len, (batch, tokens))
-    return y.reshape(batch, tokens, width)
-
-  def _sow_stats(self, logits, gate, index, valid, group_len, batch_shape):
-    sg = jax.lax.stop_gradient
-    experts = logits.shape[-1]
-    filled = jnp.ones(index.shape, jnp.int32) if valid is None else valid.astype(jnp.int32)
-    groups = index.shape[0]
-    counts = jax.vmap(lambda f, i: jax.ops.segment_sum(f.reshape(-1), i.reshape(-1), num_segments=group_len))(
-        filled, index)                                               # [G, Sg] experts per token
-    hist = jnp.mean(jax.nn.one_hot(counts, experts + 1, dtype=jnp.float32), axis=(0, 1))
-    slots = jnp.maximum(jnp.sum(filled), 1)
-    self.sow('moe_stats', 'experts_per_token', counts.reshape(batch_shape))
-    self.sow('moe_stats', 'experts_per_token_hist', hist)
-    self.sow('moe_stats', 'unrouted_fraction', hist[0])
-    self.sow('moe_stats', 'mean_gate', sg(jnp.sum(gate) / slots))
-    self.sow('moe_stats', 'router_logit_rms', sg(jnp.sqrt(jnp.mean(jnp.square(logits)))))
-    if valid is not None:
-      requests = groups * group_len * self.cfg.top_k
-      self.sow('moe_stats', 'dropped_fraction', 1.0 - jnp.sum(filled) / requests)
+    stats = None
+    if want_stats:
+      stats = routing_stats(logits, gate, index, valid, cfg.top_k)
+      stats['experts_per_token'] = stats['experts_per_token'].reshape(batch, tokens)
+    return y.reshape(batch, tokens, width), stats, aux
 
 
 def make_ffn(cfg: ModelConfig, sparse: bool, name: str | None = None) -> nn.Module:

@@ -1,0 +1,161 @@
+"""The device mesh: four named axes ('data', 'fsdp', 'expert', 'model'), built once from the real devices.
+
+  mesh = make_mesh(cfg.mesh)            # {'data': -1, 'fsdp': 1, 'expert': 4, 'model': 1}; -1 = the rest
+  check_divisibility(model_cfg, mesh, global_batch)
+
+What each axis does (the table that maps names to axes is `ecdit.parallel.rules.LOGICAL_RULES`):
+  data    pure data parallelism: the batch is split, every parameter is replicated.
+  fsdp    the batch is split *and* large weights are split along their width ('embed'); XLA gathers a weight
+          before it is used and reduce-scatters its gradient.
+  expert  expert weights `[E, ...]` are split along E; outside MoE layers the axis is one more batch axis. Inside
+          an MoE layer tokens reach their experts' devices by `all_to_all` (ecdit.parallel.moe_parallel).
+  model   tensor parallelism: FFN hidden ('mlp'), attention heads and adaLN outputs are split.
+
+All axes are `AxisType.Auto` (jax.make_mesh's default is now Explicit, under which flax's logical constraints
+fail; see shared/research/feasibility.md §2). Sizes of 1 are allowed; the batch is split over
+data·fsdp·expert devices.
+
+Per-accelerator defaults (`default_mesh_config`), used when an experiment does not pin the mesh:
+  cpu  everything on 'data' (simulated CPU devices share the host's cores; no axis is faster than another).
+  gpu  'expert' = the largest divisor of the expert count that fits in one host's GPUs (all-to-all stays on
+       NVLink/NVSwitch); the rest on 'data'.
+  tpu  'expert' = the largest divisor of the expert count that divides the device count (ICI carries the
+       all-to-all well across a slice); the rest on 'fsdp' (weights and optimizer state split, as the paper's
+       large models need).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh
+
+AXES = ('data', 'fsdp', 'expert', 'model')
+# Mesh axes that split the batch outside MoE layers (in this order: it is the order of the batch's split).
+BATCH_AXES = ('data', 'fsdp', 'expert')
+
+
+def _get(mesh_cfg: Any, axis: str):
+  try:
+    return mesh_cfg[axis]
+  except (KeyError, TypeError):
+    return getattr(mesh_cfg, axis)
+
+
+def resolve_mesh_shape(mesh_cfg: Mapping[str, int], num_devices: int) -> tuple[int, int, int, int]:
+  """Sizes of (data, fsdp, expert, model) with the one −1 replaced by the rest of the devices.
+
+  ValueError (naming the numbers) for a missing key, a size that is not a positive integer or −1, more than
+  one −1, or a product that does not equal `num_devices`."""
+  sizes = []
+  for axis in AXES:
+    try:
+      v = _get(mesh_cfg, axis)
+    except AttributeError:
+      raise ValueError(f'mesh.{axis} is missing: the mesh config needs keys {list(AXES)}') from None
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or (v < 1 and v != -1):
+      raise ValueError(f'mesh.{axis}={v!r} is invalid: expected a positive integer or -1 (the rest of the devices)')
+    sizes.append(int(v))
+  free = [a for a, s in zip(AXES, sizes) if s == -1]
+  if len(free) > 1:
+    raise ValueError(f'mesh: at most one axis may be -1, got {free} in {dict(zip(AXES, sizes))}')
+  fixed = math.prod(s for s in sizes if s != -1)
+  if free:
+    if num_devices % fixed:
+      raise ValueError(f'mesh: the fixed axes {dict(zip(AXES, sizes))} multiply to {fixed}, which does not divide '
+                       f'the {num_devices} devices, so mesh.{free[0]}=-1 cannot take the rest')
+    sizes[AXES.index(free[0])] = num_devices // fixed
+  elif fixed != num_devices:
+    raise ValueError(f'mesh: {dict(zip(AXES, sizes))} multiplies to {fixed} devices, but there are {num_devices} '
+                     'devices; make the product equal the device count (or set one axis to -1)')
+  return tuple(sizes)
+
+
+def make_mesh(mesh_cfg: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A `Mesh` over `devices` (default: all of `jax.devices()`, every process's) with axes `AXES`, all Auto.
+
+  Devices are laid out by `jax.experimental.mesh_utils.create_device_mesh` when all devices are used (it puts
+  the innermost axes — 'model', then 'expert' — on the best-connected devices of a TPU/GPU topology), and in
+  the given order otherwise."""
+  all_devices = devices is None
+  devices = list(jax.devices() if devices is None else devices)
+  shape = resolve_mesh_shape(mesh_cfg, len(devices))
+  grid = None
+  if all_devices and devices[0].platform != 'cpu':
+    try:
+      from jax.experimental import mesh_utils
+      grid = mesh_utils.create_device_mesh(shape, devices=devices)
+    except Exception:  # noqa: BLE001  (topology-aware layout is a nicety; fall back to the plain order)
+      grid = None
+  if grid is None:
+    grid = np.array(devices, dtype=object).reshape(shape)
+  return Mesh(grid, AXES, axis_types=(AxisType.Auto,) * len(AXES))
+
+
+def batch_shards(mesh: Mesh) -> int:
+  """How many pieces the batch is split into: data·fsdp·expert."""
+  return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
+def default_mesh_config(num_experts: int = 1, devices: Sequence[jax.Device] | None = None) -> dict[str, int]:
+  """The per-accelerator default mesh config (see the module docstring)."""
+  devices = list(jax.devices() if devices is None else devices)
+  n = len(devices)
+  platform = devices[0].platform
+  cfg = dict(data=-1, fsdp=1, expert=1, model=1)
+  if platform == 'gpu':
+    per_host = max(1, sum(d.process_index == devices[0].process_index for d in devices))
+    cfg['expert'] = math.gcd(max(num_experts, 1), per_host)
+  elif platform == 'tpu':
+    cfg.update(data=1, fsdp=-1, expert=math.gcd(max(num_experts, 1), n))
+  return cfg
+
+
+def check_divisibility(model_cfg, mesh: Mesh, global_batch: int | None = None) -> None:
+  """ValueError, naming both numbers, when the mesh cannot split the model or the batch evenly:
+
+    experts (model.num_experts) by 'expert'; attention heads (num_heads, and key/value heads) by 'model';
+    the FFN hidden width by 'model'; the model width by 'fsdp'; the text width by 'fsdp';
+    the global batch by data·fsdp·expert; and for routing_scope='group', each device's tokens
+    (local batch · tokens per image) by model.group_size when the groups fit on one device.
+
+  Every parameter dimension is then checked against the rules table (`rules.param_specs`), so a dimension
+  the explicit checks missed is still reported with its parameter path."""
+  from ecdit.models.ecdit import abstract_params, build_model
+  from ecdit.parallel import rules as rules_lib
+  from flax import traverse_util
+  import flax.linen as nn
+
+  cfg = model_cfg
+  shape = dict(mesh.shape)
+  def need(what, value, axis_names):
+    axes = (axis_names,) if isinstance(axis_names, str) else tuple(axis_names)
+    n = math.prod(shape.get(a, 1) for a in axes)
+    if value % n:
+      label = '·'.join(axes)
+      raise ValueError(f'{what}={value} is not divisible by mesh {label}={n}')
+
+  if cfg.routing != 'dense':
+    need('model.num_experts', cfg.num_experts, 'expert')
+    need('MoE hidden width (model.mlp_ratio·model.width)', cfg.mlp_ratio * cfg.width, 'model')
+  need('model.num_heads', cfg.num_heads, 'model')
+  need('model.width', cfg.width, 'fsdp')
+  if cfg.text_encoder == 'transformer':
+    need('model.text_width', cfg.text_width, 'fsdp')
+  if global_batch is not None:
+    need('global batch size', global_batch, BATCH_AXES)
+    local = global_batch // batch_shards(mesh)
+    if cfg.routing != 'dense' and cfg.routing_scope == 'group' and local * cfg.num_tokens >= cfg.group_size:
+      if (local * cfg.num_tokens) % cfg.group_size:
+        raise ValueError(f'tokens per device (local batch {local} · {cfg.num_tokens} tokens = '
+                         f'{local * cfg.num_tokens}) is not divisible by model.group_size={cfg.group_size}')
+  # Every parameter dimension against the axes that split it.
+  boxed = abstract_params(build_model(cfg))
+  flat_specs = traverse_util.flatten_dict(rules_lib.param_specs(boxed))
+  flat_shapes = traverse_util.flatten_dict(nn.unbox(boxed))
+  for path, spec in flat_specs.items():
+    for dim, axes in zip(flat_shapes[path].shape, tuple(spec)):
+      if axes is not None:
+        need(f'parameter {"/".join(path)} dimension', dim, axes)

@@ -1,0 +1,64 @@
+"""ecdit.parallel.mesh: mesh shapes from the config, errors naming both numbers, divisibility checks."""
+import dataclasses
+
+import jax
+import pytest
+from jax.sharding import AxisType
+
+from ecdit.models.config import ModelConfig
+from ecdit.models.sizes import preset
+from ecdit.parallel import AXES, check_divisibility, default_mesh_config, make_mesh
+
+TINY = ModelConfig(**dict(preset('tiny'), num_experts=8))
+
+
+def cfg(data=1, fsdp=1, expert=1, model=1):
+  return dict(data=data, fsdp=fsdp, expert=expert, model=model)
+
+
+@pytest.mark.parametrize('sizes,want', [((8, 1, 1, 1), (8, 1, 1, 1)), ((-1, 1, 4, 1), (2, 1, 4, 1)),
+                                        ((1, 2, 2, -1), (1, 2, 2, 2)), ((1, 1, -1, 1), (1, 1, 8, 1))])
+def test_make_mesh_shapes(sizes, want):
+  mesh = make_mesh(cfg(*sizes))
+  assert mesh.axis_names == AXES
+  assert tuple(mesh.shape[a] for a in AXES) == want
+  assert all(t == AxisType.Auto for t in mesh.axis_types)
+
+
+def test_make_mesh_on_given_devices():
+  mesh = make_mesh(cfg(), devices=jax.devices()[:1])
+  assert mesh.size == 1
+
+
+def test_product_mismatch_names_both_numbers():
+  with pytest.raises(ValueError, match=r'multiplies to 4 devices, but there are 8'):
+    make_mesh(cfg(2, 1, 2, 1))
+  with pytest.raises(ValueError, match=r'multiply to 3.*8 devices'):
+    make_mesh(cfg(-1, 1, 3, 1))
+
+
+@pytest.mark.parametrize('bad,match', [(cfg(-1, -1), 'at most one axis'), (cfg(0), r'mesh.data=0'),
+                                       ({'data': 8}, 'mesh.fsdp is missing'), (cfg(expert=2.0), 'mesh.expert')])
+def test_bad_mesh_config(bad, match):
+  with pytest.raises(ValueError, match=match):
+    make_mesh(bad)
+
+
+def test_divisibility_ok():
+  check_divisibility(TINY, make_mesh(cfg(1, 2, 2, 2)), global_batch=8)
+
+
+@pytest.mark.parametrize('model_cfg,sizes,batch,match', [
+    (dataclasses.replace(TINY, num_experts=6), (1, 1, 4, 2), 8, r'num_experts=6 is not divisible by mesh expert=4'),
+    (TINY, (1, 1, 1, 8), 8, r'num_heads=2 is not divisible by mesh model=8'),
+    (TINY, (2, 1, 4, 1), 12, r'global batch size=12 is not divisible by mesh data·fsdp·expert=8'),
+    (dataclasses.replace(TINY, width=36, num_heads=2), (1, 8, 1, 1), 8, r'model.width=36 is not divisible by mesh fsdp=8'),
+])
+def test_divisibility_errors(model_cfg, sizes, batch, match):
+  with pytest.raises(ValueError, match=match):
+    check_divisibility(model_cfg, make_mesh(cfg(*sizes)), global_batch=batch)
+
+
+def test_default_mesh_config_cpu():
+  assert default_mesh_config(8) == cfg(-1, 1, 1, 1)
+  assert make_mesh(default_mesh_config(8)).shape['data'] == jax.device_count()
