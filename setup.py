@@ -18,6 +18,7 @@ setuptools.setup(
     python_requires='>=3.11,<3.12',
     packages=setuptools.find_packages(include=['ecdit', 'ecdit.*']),
     install_requires=_requirements('requirements.txt'),
-    extras_require={'test': _requirements('requirements-test.txt')},
+    extras_require={'test': _requirements('requirements-test.txt'),
+                    'torch': _requirements('requirements-torch.txt')},   # parity tests only
     entry_points={'console_scripts': ['ecdit=ecdit.cli:run']},
 )

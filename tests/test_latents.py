@@ -1,0 +1,121 @@
+"""Precomputing VAE latents and text states into a new dataset beside a prepared one (no torch needed)."""
+import hashlib
+import json
+import pathlib
+
+import numpy as np
+import pytest
+
+from ecdit.data import latents
+from ecdit.data import prepare as prepare_lib
+from ecdit.data import reader
+from ecdit.models import clip_text, hf_loading
+from ecdit.models import text_pretrained as tp
+from ecdit.models import vae as vae_lib
+from test_data_folder import folder_cfg, make_folder
+from test_text_pretrained import _clip_bpe
+
+TINY_VAE = vae_lib.VAEConfig(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4)
+
+
+def _random_clip_folder(folder: pathlib.Path) -> pathlib.Path:
+  """A CLIP text model folder with random weights, written with numpy only (names from the weight table)."""
+  from safetensors.numpy import save_file   # pylint: disable=import-outside-toplevel
+  folder.mkdir()
+  vocab = _clip_bpe(folder)
+  cfg = clip_text.CLIPTextConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_layers=1,
+                                 num_heads=2, max_positions=12, bos_id=vocab - 2, eos_id=vocab - 1)
+  (folder / 'config.json').write_text(json.dumps({
+      'model_type': 'clip_text_model', 'vocab_size': vocab, 'hidden_size': 16, 'intermediate_size': 32,
+      'num_hidden_layers': 1, 'num_attention_heads': 2, 'max_position_embeddings': 12,
+      'bos_token_id': vocab - 2, 'eos_token_id': vocab - 1}))
+  rng = np.random.RandomState(0)
+  save_file({e.source: rng.normal(0, 0.3, hf_loading._source_shape(e)).astype(np.float32)   # pylint: disable=protected-access
+             for e in clip_text.weight_table(cfg)}, str(folder / 'model.safetensors'))
+  return folder
+
+
+def _tree_hash(path: pathlib.Path) -> str:
+  h = hashlib.sha1()
+  for p in sorted(path.rglob('*')):
+    if p.is_file():
+      h.update(p.name.encode() + p.read_bytes())
+  return h.hexdigest()
+
+
+@pytest.fixture(scope='module')
+def prepared(tmp_path_factory):
+  root = tmp_path_factory.mktemp('lat')
+  src = make_folder(root / 'src', n=5)
+  cfg = folder_cfg(root / 'data', src, image_size=16, num_validation_examples=1)
+  return prepare_lib.prepare(cfg, verbose=False), root
+
+
+def test_round_trip_resume_and_old_untouched(prepared, tmp_path, monkeypatch):
+  src, root = prepared
+  before = _tree_hash(src)
+  vae = vae_lib.VAE.random(TINY_VAE)
+  enc = tp.load_text_encoder(_random_clip_folder(tmp_path / 'clip'))
+
+  # First run: dies after one batch of two; the finished batch is kept.
+  real_encode, calls = vae.encode, []
+
+  def failing(images, rng=None):
+    if calls:
+      raise KeyboardInterrupt
+    calls.append(len(images))
+    return real_encode(images, rng)
+  monkeypatch.setattr(vae, 'encode', failing)
+  with pytest.raises(KeyboardInterrupt):
+    latents.precompute(src, vae=vae, text_encoder=enc, batch_size=2, progress=False)
+  dst = latents.encoded_dataset_dir(src, vae=vae, text_encoder=enc)
+  assert dst == latents.encoded_dataset_dir(src, vae=vae, text_encoder=tp.load_text_encoder(tmp_path / 'clip'))
+  assert dst.parent.parent == src.parent.parent and not (dst / 'dataset_info.json').exists()
+
+  # Second run: only the remaining batches are encoded (train: 4 images, validation: 1).
+  counted = []
+  monkeypatch.setattr(vae, 'encode', lambda images, rng=None: counted.append(len(images)) or
+                      real_encode(images, rng))
+  assert latents.precompute(src, vae=vae, text_encoder=enc, batch_size=2, progress=False) == dst
+  assert counted == [2, 1]
+  assert _tree_hash(src) == before   # the old dataset is only read
+  assert not list(dst.parent.glob('.partial*'))
+
+  for split in ('train', 'validation'):
+    old, new = reader.data_source(src, split, 16), reader.data_source(dst, split, 16)
+    assert len(old) == len(new)
+    for i in range(len(old)):
+      a, b = old[i], new[i]
+      np.testing.assert_array_equal(a['image'], b['image'])
+      assert a['caption'] == b['caption'] and a['index'] == b['index']
+      z = real_encode(a['image'][None].astype(np.float32) / 127.5 - 1)
+      np.testing.assert_allclose(b['latent'], np.asarray(z)[0], rtol=1e-5, atol=1e-6)
+      states, mask = enc.encode_texts([a['caption'].decode()])
+      assert b['text_states'].dtype == np.float16 and b['text_states'].shape == (12, 16)
+      np.testing.assert_allclose(b['text_states'].astype(np.float32), states[0], rtol=2e-3, atol=2e-3)
+      np.testing.assert_array_equal(b['text_mask'], mask[0])
+  # A loaded VAE's dataset can be found from the folder paths alone (what the training pipeline needs).
+  (tmp_path / 'vae').mkdir()
+  (tmp_path / 'vae' / 'config.json').write_text('{}')
+  loaded = vae_lib.VAE(vae.cfg, vae.params, folder=tmp_path / 'vae')
+  assert latents.encoded_dataset_dir(src, vae=loaded, text_encoder=enc) == latents.encoded_dataset_dir_from_paths(
+      src, vae_dir=str(tmp_path / 'vae'), text_encoder_dir=str(tmp_path / 'clip'))
+  null_states, null_mask = latents.read_null_text(dst)
+  assert null_mask.sum() == 2 and null_states.shape == (12, 16)   # start + end tokens
+
+  # Idempotent: an existing result is returned without work.
+  monkeypatch.setattr(vae, 'encode', None)
+  assert latents.precompute(src, vae=vae, text_encoder=enc, batch_size=2, progress=False) == dst
+
+
+def test_bad_inputs(prepared):
+  src, root = prepared
+  with pytest.raises(ValueError, match='needs a vae, a text_encoder'):
+    latents.precompute(src)
+  with pytest.raises(ValueError, match=r'multiple of 32'):
+    latents.precompute(src, vae=vae_lib.VAE.random(vae_lib.VAEConfig(
+        block_out_channels=(4, 4, 4, 4, 4, 4), layers_per_block=1, norm_num_groups=4)))
+  with pytest.raises(FileNotFoundError, match='no prepared dataset'):
+    latents.precompute(root / 'nowhere', vae=vae_lib.VAE.random(TINY_VAE))
+  with pytest.raises(FileNotFoundError, match='null_text.npz is missing'):
+    latents.read_null_text(src)
