@@ -1,0 +1,121 @@
+"""Orbax checkpoints of the train state, the data-iterator state and the resolved config.
+
+Layout: `<workdir>/checkpoints/<step>/{state,data,config}`. Saves are asynchronous (Orbax writes into a
+temporary directory and renames it when complete, so a killed save leaves no step directory behind).
+Restoring builds the target from the *current* config's abstract state (shapes, dtypes, shardings), so a
+checkpoint can be restored onto another mesh. A latest checkpoint that cannot be read is reported and the
+newest readable one is used; unreadable ones are moved to `<workdir>/checkpoints_unreadable/` (never
+deleted) so the run can write that step again.
+"""
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+
+from ecdit.train.state import all_finite
+
+
+class NonFiniteStateError(RuntimeError):
+  pass
+
+
+class CheckpointError(RuntimeError):
+  pass
+
+
+def _manager(directory: Path, keep: int, use_async: bool) -> ocp.CheckpointManager:
+  # cleanup_tmp_directories: a save killed mid-write leaves only an incomplete temporary directory,
+  # which is removed when the next run opens the manager (complete checkpoints are never touched).
+  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True,
+                                         enable_async_checkpointing=use_async)
+  return ocp.CheckpointManager(directory, options=options, item_names=('state', 'data', 'config'))
+
+
+class Checkpointer:
+  def __init__(self, workdir: str | Path, *, keep: int = 3, use_async: bool = True):
+    self.workdir = Path(workdir).absolute()  # Orbax wants absolute paths
+    self.directory = self.workdir / 'checkpoints'
+    self.keep, self.use_async = keep, use_async
+    self.manager = _manager(self.directory, keep, use_async)
+
+  def steps(self) -> list[int]:
+    return sorted(self.manager.all_steps())
+
+  def save(self, step: int, state, data_state: Any, config: dict) -> None:
+    """Starts an async save of `state` (refused if anything in it is not finite)."""
+    if not bool(all_finite((state.params, state.ema_params, state.opt_state))):
+      raise NonFiniteStateError(f'refusing to checkpoint step {step}: the train state is not finite')
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
+                              config=ocp.args.JsonSave(config))
+    self.manager.save(step, args=args, force=True)
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+  def _restore_step(self, step: int, abstract_state):
+    args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
+                              config=ocp.args.JsonRestore())
+    out = self.manager.restore(step, args=args)
+    state = out['state']
+    if int(np.asarray(state.step)) != step:
+      raise CheckpointError(f'checkpoint {step} holds step {int(np.asarray(state.step))}')
+    if not bool(all_finite((state.params, state.ema_params, state.opt_state))):
+      raise CheckpointError(f'checkpoint {step} holds non-finite values')
+    return state, out['data']
+
+  def restore_latest(self, abstract_state):
+    """Returns (state, data_state, step) from the newest readable checkpoint, or None if there is none.
+
+    Newer unreadable checkpoints are reported and moved aside. If none can be read, nothing is moved and
+    the first error is raised (most likely the config no longer matches the checkpoints).
+    """
+    steps = self.steps()
+    failures = []
+    for step in reversed(steps):
+      try:
+        state, data_state = self._restore_step(step, abstract_state)
+      except Exception as e:  # noqa: BLE001 — any read failure means "try the previous one".
+        msg = f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}'[:300]
+        logging.warning('checkpoint step %d is unreadable (%s); trying the previous one', step, msg)
+        print(f'warning: checkpoint step {step} in {self.directory} is unreadable ({msg}); '
+              'trying the previous one', flush=True)
+        failures.append((step, e))
+        continue
+      if failures:
+        self._quarantine([s for s, _ in failures])
+      return state, data_state, step
+    if failures:
+      step, e = failures[0]
+      raise CheckpointError(f'no readable checkpoint in {self.directory} (latest step {step}: '
+                            f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}); '
+                            'does the config match the run that wrote them?') from e
+    return None
+
+  def _quarantine(self, steps: list[int]) -> None:
+    """Moves unreadable step directories out of the manager's way (keeping them for inspection)."""
+    self.manager.close()
+    dest_root = self.workdir / 'checkpoints_unreadable'
+    dest_root.mkdir(parents=True, exist_ok=True)
+    for step in steps:
+      src = self.directory / str(step)
+      if src.exists():
+        dest = dest_root / f'{step}-{time.strftime("%Y%m%d-%H%M%S")}'
+        shutil.move(str(src), str(dest))
+        print(f'moved unreadable checkpoint {src} to {dest}', flush=True)
+    self.manager = _manager(self.directory, self.keep, self.use_async)
+
+
+def abstract_like(tree, shardings):
+  """ShapeDtypeStructs carrying the given shardings (the restore target)."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)

@@ -1,0 +1,77 @@
+"""paper: the EC-DiT paper's Table 1 models with its training recipe (shared/research/paper.md §4).
+
+Rectified flow, logit-normal t (μ=0, σ=1), 50% token masking, RMSProp with momentum, lr 1e-4 after 20K
+warm-up steps, batch 4096, 800K steps, 32×32×4 latents (a 256² image through a VAE), patch 2, bfloat16
+compute. Expert-choice models use f_c = 2; `gshard_*` are the token-choice top-2 baselines. Data: latents
+imported with the image_text_folder builder (the VAE runs elsewhere); the text encoder is our small
+transformer of sizes.py (0.67B, T5 vocabulary size) standing in for the paper's CLIP-based one. Values the paper does not give (RMSProp decay,
+eps, grad clipping, EMA) are our choices.
+
+  ecdit train --config=experiments/paper.py:xl_32e --config.data.source_dir=/path/to/latents --workdir=runs/xl_32e
+  ecdit params --config=experiments/paper.py:m_64e
+
+Variants: xl_32e, xxl_32e, 3xl_32e, m_64e, dense_xl, dense_xxl, dense_3xl, dense_m, gshard_xl_32e,
+xl_8e, xl_16e.
+"""
+from ecdit.train.config import base_config
+
+# variant -> (size preset, routing, experts, depth override)
+VARIANTS = {
+    'xl_32e': ('XL', 'expert_choice', 32, None),
+    'xxl_32e': ('XXL', 'expert_choice', 32, None),
+    '3xl_32e': ('3XL', 'expert_choice', 32, None),
+    'm_64e': ('M', 'expert_choice', 64, 38),
+    'xl_8e': ('XL', 'expert_choice', 8, None),
+    'xl_16e': ('XL', 'expert_choice', 16, None),
+    'dense_xl': ('XL', 'dense', 1, None),
+    'dense_xxl': ('XXL', 'dense', 1, None),
+    'dense_3xl': ('3XL', 'dense', 1, None),
+    'dense_m': ('M', 'dense', 1, 46),
+    'gshard_xl_32e': ('XL', 'token_choice', 32, None),
+}
+
+
+def get_config(variant=None):
+  variant = variant or 'xl_32e'
+  if variant not in VARIANTS:
+    raise ValueError(f'paper variant {variant!r} is unknown: expected one of {sorted(VARIANTS)}')
+  size, routing, experts, depth = VARIANTS[variant]
+  c = base_config()
+  c.name = f'paper_{variant}'
+  c.seed = 0
+
+  m = c.model
+  m.size = size
+  if depth is not None:
+    m.depth = depth
+  m.routing, m.num_experts = routing, experts
+  m.capacity_factor = 1.0 if routing == 'token_choice' else 2.0
+  if routing == 'token_choice':
+    m.top_k = 2
+  m.image_size, m.in_channels, m.patch_size = 32, 4, 2   # (the preset's text encoder stands in for CLIP)
+  m.dtype = 'bfloat16'
+
+  c.data.name = 'image_text_folder'
+  c.data.dir = './data'
+  c.data.source_dir = ''            # required: --config.data.source_dir=/path/to/latents
+  c.data.image_size = 256
+  c.data.latent_shape = (32, 32, 4)
+  c.data.vocab_size, c.data.text_length = 32_128, 77   # the presets' text encoder (ecdit/models/sizes.py)
+  c.data.caption_dropout = 0.1
+  c.data.worker_count = 8
+
+  c.diffusion.t_sampling = 'logit_normal'
+  c.diffusion.t_mean, c.diffusion.t_std = 0.0, 1.0
+  c.diffusion.mask_ratio = 0.5
+
+  t = c.train
+  t.num_steps, t.batch_size = 800_000, 4096
+  t.optimizer, t.learning_rate, t.schedule, t.warmup_steps = 'rmsprop', 1e-4, 'constant', 20_000
+  t.rms_decay, t.momentum, t.eps = 0.999, 0.9, 1e-8
+  t.grad_clip, t.ema_decay = 1.0, 0.9999
+  t.log_every, t.checkpoint_every, t.sample_every = 100, 5000, 20_000
+  t.keep_checkpoints = 5
+
+  c.sample.num_steps, c.sample.cfg_scale = 50, 4.5
+  c.mesh.data, c.mesh.fsdp, c.mesh.expert, c.mesh.model = -1, 1, 1, 1
+  return c

@@ -1,0 +1,52 @@
+"""shapes_small: dense vs expert choice vs token choice at equal activated compute on the shapes world.
+
+Every variant has the same backbone (width 256, 8 blocks, every 2nd FFN sparse in the MoE variants) and
+the same activated FFN compute per token: `:ec` lets each of 8 experts pick S/8 tokens (capacity factor 1,
+so a token gets one expert on average) and `:tc` sends each token to its top-1 expert (capacity factor 1).
+`:ec2` and `:tc2` are the paper's pairing at twice the sparse-layer compute (f_c = 2 vs top-2 GShard).
+
+  ecdit train --config=experiments/shapes_small.py:ec --workdir=runs/shapes_small_ec
+  ecdit train --config=experiments/shapes_small.py:dense --workdir=runs/shapes_small_dense
+  ecdit train --config=experiments/shapes_small.py:tc --workdir=runs/shapes_small_tc
+"""
+from ecdit.train.config import base_config
+
+VARIANTS = {
+    'dense': dict(routing='dense', num_experts=1, capacity_factor=1.0),
+    'ec': dict(routing='expert_choice', num_experts=8, capacity_factor=1.0),
+    'tc': dict(routing='token_choice', num_experts=8, capacity_factor=1.0, top_k=1),
+    'ec2': dict(routing='expert_choice', num_experts=8, capacity_factor=2.0),
+    'tc2': dict(routing='token_choice', num_experts=8, capacity_factor=1.0, top_k=2),
+}
+
+
+def get_config(variant=None):
+  variant = variant or 'ec'
+  if variant not in VARIANTS:
+    raise ValueError(f'shapes_small variant {variant!r} is unknown: expected one of {sorted(VARIANTS)}')
+  c = base_config()
+  c.name = f'shapes_small_{variant}'
+  c.seed = 0
+
+  m = c.model
+  m.image_size, m.in_channels, m.patch_size = 32, 3, 2
+  m.width, m.depth, m.num_heads, m.mlp_ratio, m.moe_every = 256, 8, 4, 4, 2
+  m.text_width, m.text_depth, m.text_heads = 256, 2, 4
+  m.vocab_size, m.text_length = 128, 32
+  for k, v in VARIANTS[variant].items():
+    m[k] = v
+
+  c.data.dir = './data'
+  c.data.image_size = 32
+  c.data.vocab_size, c.data.text_length = 128, 32
+
+  c.diffusion.t_sampling = 'logit_normal'
+  c.diffusion.mask_ratio = 0.0
+
+  t = c.train
+  t.num_steps, t.batch_size = 20_000, 64
+  t.optimizer, t.learning_rate, t.schedule, t.warmup_steps = 'adamw', 5e-4, 'cosine', 500
+  t.end_lr_factor = 0.1
+  t.grad_clip, t.ema_decay = 1.0, 0.999
+  t.log_every, t.checkpoint_every, t.sample_every = 100, 1000, 2000
+  return c

@@ -1,0 +1,91 @@
+"""Shared helpers for the training tests: a tiny config and a synthetic in-memory batch source."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import jax
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_experiment(name: str, variant=None):
+  spec = importlib.util.spec_from_file_location(f'exp_{name}', REPO / 'experiments' / f'{name}.py')
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config(variant)
+
+
+def tiny_config(**train):
+  """shapes_tiny shrunk to compile and step in well under a second on one CPU device."""
+  c = load_experiment('shapes_tiny')
+  m = c.model
+  m.width, m.depth, m.num_heads, m.num_experts = 32, 2, 2, 4
+  m.text_width, m.text_depth, m.text_heads, m.image_size, m.patch_size = 32, 1, 2, 16, 4
+  c.data.image_size = 16
+  c.train.batch_size, c.train.num_steps, c.train.warmup_steps = 8, 20, 0
+  c.train.log_every, c.train.checkpoint_every, c.train.sample_every = 1, 10, 0
+  c.train.final_sample = False
+  c.train.async_checkpoints = False
+  c.sample.num_steps = 2
+  c.mesh.data = 1
+  for k, v in train.items():
+    c.train[k] = v
+  return c
+
+
+class Tokens:
+  """Stands in for the sentencepiece tokenizer where a test needs only encode_batch."""
+  vocab_size = 128
+
+  def __init__(self, length=32):
+    self.length = length
+
+  def encode_batch(self, texts):
+    ids = np.zeros((len(texts), self.length), np.int32)
+    mask = np.zeros((len(texts), self.length), bool)
+    for i, s in enumerate(texts):
+      for j, ch in enumerate(s[: self.length]):
+        ids[i, j], mask[i, j] = ord(ch) % 127 + 1, True
+    return ids, mask
+
+
+class Batches:
+  """Deterministic synthetic batches (a coloured square on black) with get_state/set_state."""
+
+  def __init__(self, cfg, sharding, nan_at=None):
+    self.b, self.size, self.length = cfg.train.batch_size, cfg.data.image_size, cfg.data.text_length
+    self.sharding, self.i, self.nan_at = sharding, 0, nan_at
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    r = np.random.RandomState(self.i)
+    self.i += 1
+    s = self.size
+    img = -np.ones((self.b, s, s, 3), np.float32)
+    for k in range(self.b):
+      x, y = r.randint(0, s // 2, 2)
+      img[k, y:y + s // 2, x:x + s // 2, r.randint(3)] = 1.0
+    if self.nan_at is not None and self.i == self.nan_at:
+      img[0, 0, 0, 0] = np.nan
+    ids = r.randint(1, 128, (self.b, self.length)).astype(np.int32)
+    mask = np.arange(self.length)[None, :] < r.randint(2, self.length, (self.b, 1))
+    return {k: jax.device_put(v, self.sharding) for k, v in
+            dict(image=img, text_ids=ids, text_mask=mask).items()}
+
+  def get_state(self):
+    return {'i': self.i}
+
+  def set_state(self, state):
+    self.i = int(state['i'])
+
+
+def data_fn(nan_at=None):
+  from ecdit.train import mesh_setup
+
+  def make(cfg, mesh):
+    return Tokens(cfg.data.text_length), Batches(cfg, mesh_setup.batch_sharding(mesh), nan_at)
+  return make

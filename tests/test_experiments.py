@@ -1,0 +1,80 @@
+"""Every experiment and variant builds, validates, and matches its golden config dump.
+
+Regenerate the golden files after an intended change with: ECDIT_UPDATE_GOLDEN=1 pytest tests/test_experiments.py
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+
+from ecdit.train import config as config_lib
+
+REPO = Path(__file__).resolve().parents[1]
+GOLDEN = Path(__file__).resolve().parent / 'golden'
+EXPERIMENTS = sorted(p.stem for p in (REPO / 'experiments').glob('*.py') if not p.stem.startswith('_'))
+
+
+def _module(name):
+  spec = importlib.util.spec_from_file_location(f'exp_{name}', REPO / 'experiments' / f'{name}.py')
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+def _variants(name):
+  """An experiment file lists its variants in a module-level VARIANTS (dict or sequence); none: [None]."""
+  return list(getattr(_module(name), 'VARIANTS', None) or [None])
+
+
+CASES = [(name, v) for name in EXPERIMENTS for v in _variants(name)]
+REQUIRED_KEYS = ['seed', 'model.size', 'model.num_experts', 'model.capacity_factor', 'model.routing', 'data.dir',
+                 'train.num_steps', 'train.batch_size', 'train.log_every', 'train.checkpoint_every', 'mesh.data',
+                 'mesh.fsdp', 'mesh.expert', 'mesh.model']
+
+
+def test_every_experiment_file_documents_its_command():
+  assert {'shapes_tiny', 'shapes_small', 'paper'} <= set(EXPERIMENTS)
+  assert _variants('shapes_small')[:3] == ['dense', 'ec', 'tc']
+  for name in EXPERIMENTS:
+    mod = _module(name)
+    assert 'ecdit train' in mod.__doc__, f'{name}: the docstring must show the command that runs it'
+
+
+@pytest.mark.parametrize('name,variant', CASES, ids=[f'{n}:{v}' if v else n for n, v in CASES])
+def test_golden(name, variant):
+  cfg = _module(name).get_config(variant)
+  for key in REQUIRED_KEYS:
+    node = cfg
+    for part in key.split('.'):
+      assert part in node, f'{name}: missing config key {key}'
+      node = node[part]
+  if cfg.data.name == 'shapes':  # the others need the user's data folder (data.source_dir) first
+    config_lib.validate(cfg)
+  text = config_lib.dump(cfg)
+  path = GOLDEN / (f'{name}_{variant}.txt' if variant else f'{name}.txt')
+  if os.environ.get('ECDIT_UPDATE_GOLDEN') == '1':
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+  assert path.exists(), f'{path} is missing: run with ECDIT_UPDATE_GOLDEN=1'
+  assert text == path.read_text(), f'{name}:{variant} differs from {path}; regenerate with ECDIT_UPDATE_GOLDEN=1'
+
+
+def test_paper_configs_carry_the_recipe():
+  for variant in _variants('paper'):
+    c = _module('paper').get_config(variant)
+    assert (c.train.optimizer, c.train.learning_rate, c.train.warmup_steps, c.train.batch_size,
+            c.train.num_steps) == ('rmsprop', 1e-4, 20_000, 4096, 800_000)
+    assert c.train.momentum > 0 and c.diffusion.t_sampling == 'logit_normal' and c.diffusion.mask_ratio == 0.5
+    assert (c.model.image_size, c.model.in_channels, c.model.patch_size) == (32, 4, 2)
+    c.data.source_dir = '/data/latents'
+    config_lib.validate(c)
+
+
+def test_unknown_variant():
+  with pytest.raises(ValueError, match='xl_32e'):
+    _module('paper').get_config('nope')
+  with pytest.raises(ValueError, match='dense'):
+    _module('shapes_small').get_config('moe')

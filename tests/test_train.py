@@ -1,0 +1,175 @@
+"""Train state, step, optimizer schedules, checkpoints and the NaN policy on a tiny real EC-DiT."""
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ecdit.train import checkpoint as ckpt_lib
+from ecdit.train import loop, mesh_setup, optim
+from ecdit.train import state as state_lib
+
+from _train_util import Batches, data_fn, tiny_config
+
+
+@pytest.fixture(scope='module')
+def setup():
+  cfg = tiny_config(learning_rate=3e-3)
+  return loop.build(cfg)
+
+
+def _batches(setup, nan_at=None):
+  return Batches(setup.cfg, mesh_setup.batch_sharding(setup.mesh), nan_at)
+
+
+def _host(tree):
+  return jax.tree.map(np.asarray, tree)
+
+
+def test_loss_decreases_and_step_compiles_once(setup):
+  state = setup.init_state()
+  batches = _batches(setup)
+  fixed = [next(batches) for _ in range(4)]  # a small fixed set, so progress is visible quickly
+  losses = []
+  for i in range(48):
+    state, m = setup.train_step(state, fixed[i % 4])
+    losses.append(float(m['loss']))
+    assert set(m) >= {'loss', 'grad_norm', 'lr', 'flow_loss', 'aux_loss', 'skipped'}
+  assert setup.train_step._cache_size() == 1, 'the train step recompiled'
+  assert int(state.step) == 48 and int(state.skipped) == 0
+  first, last = np.mean(losses[:8]), np.mean(losses[-8:])
+  assert last < 0.8 * first, (first, last)
+  assert any(k.startswith('moe/') for k in m), sorted(m)
+
+
+def test_ema_update_is_exact():
+  ema = {'w': jnp.array([1.0, 2.0, -4.0]), 'b': jnp.array(8.0)}
+  p = {'w': jnp.array([3.0, 2.0, 0.0]), 'b': jnp.array(0.0)}
+  out = state_lib.ema_update(ema, p, 0.75)
+  np.testing.assert_array_equal(out['w'], [1.5, 2.0, -3.0])
+  np.testing.assert_array_equal(out['b'], 6.0)
+
+
+def test_step_ema_and_keys(setup):
+  cfg = setup.cfg
+  state = setup.init_state()
+  p0 = _host(state.params)
+  np.testing.assert_array_equal(jax.tree.leaves(_host(state.ema_params))[0], jax.tree.leaves(p0)[0])
+  k0 = jax.random.key_data(state_lib.step_key(state))
+  state, _ = setup.train_step(state, next(_batches(setup)))
+  p1, e1 = _host(state.params), _host(state.ema_params)
+  d = min(cfg.train.ema_decay, 1 / 10)  # the warm-up's decay for the first update
+  assert float(state_lib.ema_decay_at(0, cfg.train.ema_decay)) == pytest.approx(0.1)
+  assert float(state_lib.ema_decay_at(10_000, 0.995)) == pytest.approx(0.995)
+  for a, b, e in zip(jax.tree.leaves(p0), jax.tree.leaves(p1), jax.tree.leaves(e1)):
+    np.testing.assert_allclose(e, d * a + (1 - d) * b, rtol=1e-6, atol=1e-7)
+  k1 = jax.random.key_data(state_lib.step_key(state))
+  assert not np.array_equal(k0, k1)
+  expected = jax.random.fold_in(jax.random.key(cfg.seed), 1)
+  np.testing.assert_array_equal(k1, jax.random.key_data(expected))
+
+
+def test_schedules():
+  c = tiny_config(learning_rate=1.0, warmup_steps=10, num_steps=110, schedule='constant')
+  lr = optim.schedule(c.train)
+  assert float(lr(0)) == 0.0 and float(lr(5)) == pytest.approx(0.5) and float(lr(10)) == pytest.approx(1.0)
+  assert float(lr(100)) == pytest.approx(1.0)
+  c.train.schedule, c.train.end_lr_factor = 'cosine', 0.1
+  lr = optim.schedule(c.train)
+  assert float(lr(10)) == pytest.approx(1.0)
+  assert float(lr(60)) == pytest.approx(0.55, abs=1e-6)   # half-way down the cosine: (1 + 0.1) / 2
+  assert float(lr(110)) == pytest.approx(0.1, abs=1e-6)
+  c.train.warmup_steps = 0
+  assert float(optim.schedule(c.train)(0)) == pytest.approx(1.0)
+
+
+def test_rmsprop_with_momentum_and_clipping():
+  c = tiny_config(optimizer='rmsprop', learning_rate=0.1, warmup_steps=0, grad_clip=1.0)
+  tx = optim.make_optimizer(c.train)
+  params = {'w': jnp.zeros(3)}
+  opt = tx.init(params)
+  g = {'w': jnp.array([30.0, 40.0, 0.0])}  # norm 50, clipped to 1
+  u1, opt = tx.update(g, opt, params)
+  u2, opt = tx.update(g, opt, params)
+  assert np.all(np.abs(u2['w'][:2]) > np.abs(u1['w'][:2]))  # momentum accumulates
+  assert u1['w'][2] == 0
+
+
+def test_nan_batch_skips_update(setup):
+  state = setup.init_state()
+  p0 = _host(state.params)
+  batch = next(_batches(setup, nan_at=1))
+  state, m = setup.train_step(state, batch)
+  assert not bool(m['finite']) and int(state.skipped) == 1 and int(state.step) == 1
+  for a, b in zip(jax.tree.leaves(p0), jax.tree.leaves(_host(state.params))):
+    np.testing.assert_array_equal(a, b)
+  assert bool(state_lib.all_finite((state.params, state.opt_state, state.ema_params)))
+
+
+def test_checkpoint_round_trip_and_corrupt_latest(setup, tmp_path, capsys):
+  ck = ckpt_lib.Checkpointer(tmp_path, keep=5, use_async=True)
+  state = setup.init_state()
+  batches = _batches(setup)
+  saved = {}
+  for step in (1, 2):
+    state, _ = setup.train_step(state, next(batches))
+    saved[step] = _host(state)
+    ck.save(step, state, batches.get_state(), {'note': 'test'})
+  ck.wait()
+  ck.close()
+  # A save killed mid-write leaves an incomplete temporary directory: it is not a checkpoint.
+  partial = tmp_path / 'checkpoints' / '3.orbax-checkpoint-tmp-1700000000000000'
+  (partial / 'state').mkdir(parents=True)
+  (partial / 'state' / 'manifest.ocdbt').write_bytes(b'half')
+  ck = ckpt_lib.Checkpointer(tmp_path, keep=5, use_async=True)
+  assert ck.steps() == [1, 2]
+  restored, data_state, step = ck.restore_latest(setup.abstract_state)
+  assert step == 2 and data_state == {'i': 2}
+  for a, b in zip(jax.tree.leaves(saved[2]), jax.tree.leaves(_host(restored))):
+    np.testing.assert_array_equal(a, b)
+  assert all(l.sharding == s for l, s in zip(jax.tree.leaves(restored), jax.tree.leaves(setup.state_shardings)))
+  ck.close()
+
+  # Corrupt step 2: truncate every file of its state item. The restore falls back to step 1, says so,
+  # and keeps the unreadable files (moved aside).
+  for f in (tmp_path / 'checkpoints' / '2' / 'state').rglob('*'):
+    if f.is_file():
+      f.write_bytes(b'')
+  ck = ckpt_lib.Checkpointer(tmp_path, keep=5, use_async=True)
+  restored, data_state, step = ck.restore_latest(setup.abstract_state)
+  assert step == 1 and data_state == {'i': 1}
+  assert 'checkpoint step 2' in capsys.readouterr().out
+  assert ck.steps() == [1]
+  assert list((tmp_path / 'checkpoints_unreadable').iterdir())
+  for a, b in zip(jax.tree.leaves(saved[1]), jax.tree.leaves(_host(restored))):
+    np.testing.assert_array_equal(a, b)
+
+  bad = restored.replace(params=jax.tree.map(lambda x: x * jnp.nan, restored.params))
+  with pytest.raises(ckpt_lib.NonFiniteStateError, match='step 3'):
+    ck.save(3, bad, {'i': 3}, {})
+  ck.close()
+  assert ck.steps() == [1]
+
+
+def test_loop_resumes_and_nan_stop(tmp_path):
+  cfg = tiny_config(num_steps=6, checkpoint_every=3)
+  s = loop.train(cfg, tmp_path / 'a', progress=False, data_fn=data_fn())
+  assert s['last_checkpoint'] == 6 and s['skipped'] == 0
+  full = [json.loads(l) for l in (tmp_path / 'a' / 'metrics.jsonl').read_text().splitlines()]
+  assert [r['step'] for r in full] == list(range(1, 7))
+  assert json.loads((tmp_path / 'a' / 'config.json').read_text())['train']['num_steps'] == 6
+
+  # nan_policy=stop: stops at the bad step with its number, nothing non-finite is saved.
+  cfg.train.nan_policy = 'stop'
+  cfg.train.num_steps = 9
+  with pytest.raises(loop.NonFiniteLossError, match='step 8'):
+    loop.train(cfg, tmp_path / 'a', progress=False, data_fn=data_fn(nan_at=8))
+  ck = ckpt_lib.Checkpointer(tmp_path / 'a')
+  assert ck.steps()[-1] == 6
+  ck.close()
+  log = [json.loads(l) for l in (tmp_path / 'a' / 'metrics.jsonl').read_text().splitlines()]
+  assert [r['step'] for r in log] == list(range(1, 8))   # resumed at 6; step 7 logged; 8 stopped the run
+  assert [r['loss'] for r in log[:6]] == [r['loss'] for r in full]
