@@ -15,6 +15,8 @@ COMMANDS = {
     'params': ('ecdit.models.params', 'total and activated parameter counts, without allocating'),
     'bench': ('ecdit.bench.main', 'benchmarks, e.g. `ecdit bench routing`'),
     'eval': ('ecdit.eval.main', 'GenEval-style scores for a workdir (or --ground_truth) on shapes prompts'),
+    'export': ('ecdit.export.main', 'a workdir as safetensors (+ PyTorch reference) or StableHLO artefacts'),
+    'upcycle': ('ecdit.export.upcycle_main', 'an EC-DiT workdir from a dense one (FFNs copied into experts)'),
 }
 
 

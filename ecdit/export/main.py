@@ -1,0 +1,74 @@
+"""`ecdit export`: a training workdir's weights in a framework-neutral form.
+
+  ecdit export --workdir=runs/shapes_tiny --out=export/ [--ema]                 # safetensors + config + README
+  ecdit export --workdir=runs/shapes_tiny --out=hlo/ --format=stablehlo [--steps=25 --cfg_scale=3]
+
+safetensors: `model.safetensors`, `config.json`, `README.md` (tensor table) and `tokenizer.model` when the run
+has one; load with `ecdit.export.torch_reference.load_model(dir)` (PyTorch) or `ecdit.export.load_jax(dir)`.
+stablehlo: `velocity.jax_exported` and `sampler.jax_exported` (symbolic batch; see ecdit/export/stablehlo.py);
+load with `ecdit.export.load_stablehlo(dir)`.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from absl import app, flags
+
+_WORKDIR = flags.DEFINE_string('workdir', None, 'training run directory (config.json + checkpoints/)')
+_OUT = flags.DEFINE_string('out', None, 'output directory')
+_FORMAT = flags.DEFINE_enum('format', 'safetensors', ['safetensors', 'stablehlo'], 'export format')
+_EMA = flags.DEFINE_bool('ema', False, 'export the EMA weights instead of the raw parameters')
+_STEPS = flags.DEFINE_integer('steps', None, 'stablehlo sampler: Euler steps (default: the run\'s sample.num_steps)')
+_CFG_SCALE = flags.DEFINE_float('cfg_scale', None, 'stablehlo sampler: guidance scale (default: sample.cfg_scale)')
+_PLATFORMS = flags.DEFINE_list('platforms', ['cpu', 'cuda'], 'stablehlo: platforms to lower for')
+
+
+def _fail(msg: str):
+  print(f'ecdit: error: {msg}', file=sys.stderr, flush=True)
+  sys.exit(2)
+
+
+def main(argv):
+  if len(argv) > 1:
+    _fail(f'unexpected arguments {argv[1:]}')
+  if not _WORKDIR.value:
+    _fail('--workdir is required')
+  if not _OUT.value:
+    _fail('--out is required')
+  from ecdit.export import weights
+  from ecdit.export import workdir as workdir_lib
+  try:
+    run = workdir_lib.restore(_WORKDIR.value, ema=_EMA.value)
+  except (workdir_lib.WorkdirError, ValueError) as e:
+    _fail(str(e).splitlines()[0])
+  source = {'workdir': str(Path(_WORKDIR.value).resolve()), 'step': run.step, 'ema': bool(_EMA.value)}
+  out = Path(_OUT.value)
+  try:
+    if _FORMAT.value == 'safetensors':
+      weights.write_export(out, run.params, run.model_config, tokenizer_path=run.tokenizer_path,
+                           extra_config={'source': source})
+      files = sorted(p.name for p in out.iterdir())
+    else:
+      from ecdit.export import stablehlo
+      null = None
+      if run.tokenizer_path is not None:
+        from ecdit.data.tokenizer import Tokenizer
+        try:
+          null = Tokenizer(run.tokenizer_path, run.model_config.text_length).encode_batch([''])
+        except ValueError as e:
+          print(f'warning: {e}; the sampler artefact will need null_ids/null_mask at call time', flush=True)
+      steps = _STEPS.value or run.cfg.sample.num_steps
+      scale = run.cfg.sample.cfg_scale if _CFG_SCALE.value is None else _CFG_SCALE.value
+      stablehlo.write_stablehlo(out, run.params, run.model_config, num_steps=steps, cfg_scale=scale,
+                                platforms=tuple(_PLATFORMS.value), null_caption=null,
+                                extra_config={'source': source})
+      files = sorted(p.name for p in out.iterdir())
+  except weights.ExportError as e:
+    _fail(str(e))
+  print(f'wrote {out}: {", ".join(files)} ({_FORMAT.value}, step {run.step}, '
+        f'{"EMA" if _EMA.value else "raw"} weights)', flush=True)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,64 @@
+"""Sparse upcycling: an EC-DiT (MoE) parameter set from a dense one.
+
+`upcycle_params(dense_params, dense_cfg, moe_cfg, rng)` copies every parameter of the dense model, and for each
+block that is sparse in `moe_cfg` copies that block's dense FFN (wi, wo with biases) into all E experts; the
+routers are freshly initialised (the MoE model's own initialiser from `rng`). With a capacity that lets every
+expert take every token (capacity factor = E for expert choice) the upcycled model computes exactly the dense
+model's function up to float rounding, since the gates (router probabilities) sum to 1 over the experts.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import traverse_util
+
+from ecdit.models.config import ModelConfig
+from ecdit.models.ecdit import build_model, init_params
+
+# Fields that may differ between the dense source and the MoE target; every other field must match.
+ROUTING_FIELDS = ('routing', 'num_experts', 'moe_every', 'capacity_factor', 'eval_capacity_factor',
+                  'routing_scope', 'group_size', 'moe_backend', 'top_k', 'aux_loss_weight', 'router_init_std')
+
+
+def check_compatible(dense_cfg: ModelConfig, moe_cfg: ModelConfig) -> None:
+  for f in dataclasses.fields(ModelConfig):
+    if f.name not in ROUTING_FIELDS and getattr(dense_cfg, f.name) != getattr(moe_cfg, f.name):
+      raise ValueError(f'upcycle: model.{f.name} differs between the dense model ({getattr(dense_cfg, f.name)!r}) '
+                       f'and the MoE target ({getattr(moe_cfg, f.name)!r}); only routing fields may change: '
+                       f'{list(ROUTING_FIELDS)}')
+  if moe_cfg.routing == 'dense':
+    raise ValueError("upcycle: the target model.routing is 'dense'; expected 'expert_choice' or 'token_choice'")
+
+
+def upcycle_params(dense_params, dense_cfg: ModelConfig, moe_cfg: ModelConfig, rng: jax.Array) -> dict:
+  """Unboxed MoE params for `moe_cfg` from (boxed or unboxed) dense params of `dense_cfg`."""
+  check_compatible(dense_cfg, moe_cfg)
+  src = traverse_util.flatten_dict(nn.unbox(dict(dense_params)))
+  fresh = traverse_util.flatten_dict(nn.unbox(init_params(build_model(moe_cfg), rng)))
+  out = {}
+  for path, value in fresh.items():
+    block = path[0]
+    if len(path) >= 2 and path[1] == 'moe':
+      ffn = lambda layer, leaf: src.get((block, 'ffn', layer, leaf))  # noqa: E731
+      if ffn('wi', 'kernel') is None:
+        raise ValueError(f'upcycle: {block} of the source model has no dense FFN ({block}/ffn) to copy into the '
+                         'experts; is the source a dense model (model.routing=dense)?')
+      copy = {'wi': ffn('wi', 'kernel'), 'bi': ffn('wi', 'bias'), 'wo': ffn('wo', 'kernel'), 'bo': ffn('wo', 'bias')}
+      leaf = path[2]
+      if leaf == 'router':
+        out[path] = value
+      else:
+        e = moe_cfg.num_experts
+        out[path] = jnp.broadcast_to(jnp.asarray(copy[leaf])[None], (e,) + tuple(copy[leaf].shape)).astype(
+            value.dtype)
+      continue
+    if path not in src:
+      raise ValueError(f'upcycle: parameter {"/".join(path)} is missing from the dense params')
+    if tuple(src[path].shape) != tuple(value.shape):
+      raise ValueError(f'upcycle: parameter {"/".join(path)} has shape {tuple(src[path].shape)} in the dense '
+                       f'params, but the MoE model needs {tuple(value.shape)}')
+    out[path] = jnp.asarray(src[path])
+  return traverse_util.unflatten_dict(out)
