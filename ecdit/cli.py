@@ -37,7 +37,9 @@ def run(argv=None):
           file=sys.stderr)
     return 2
   module = importlib.import_module(COMMANDS[command][0])
-  app.run(module.main, argv=[f'ecdit {command}'] + argv[2:])
+  # A command may bring its own flags parser (train: one-line errors for bad --config overrides).
+  parser = getattr(module, 'flags_parser', app.parse_flags_with_usage)
+  app.run(module.main, argv=[f'ecdit {command}'] + argv[2:], flags_parser=parser)
 
 
 if __name__ == '__main__':
