@@ -15,6 +15,7 @@ COMMANDS = {
     'params': ('ecdit.models.params', 'total and activated parameter counts, without allocating'),
     'bench': ('ecdit.bench.main', 'benchmarks, e.g. `ecdit bench routing`'),
     'eval': ('ecdit.eval.main', 'GenEval-style scores for a workdir (or --ground_truth) on shapes prompts'),
+    'analyze': ('ecdit.eval.analyze_main', 'experts per image token per layer/step: heat maps, fg/bg, text'),
     'export': ('ecdit.export.main', 'a workdir as safetensors (+ PyTorch reference) or StableHLO artefacts'),
     'upcycle': ('ecdit.export.upcycle_main', 'an EC-DiT workdir from a dense one (FFNs copied into experts)'),
 }
