@@ -84,8 +84,8 @@ class Batches:
 
 
 def data_fn(nan_at=None):
-  from ecdit.train import mesh_setup
+  from ecdit.parallel import batch_sharding
 
   def make(cfg, mesh):
-    return Tokens(cfg.data.text_length), Batches(cfg, mesh_setup.batch_sharding(mesh), nan_at)
+    return Tokens(cfg.data.text_length), Batches(cfg, batch_sharding(mesh), nan_at)
   return make

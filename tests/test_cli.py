@@ -32,6 +32,7 @@ def error_lines(stderr: str) -> list[str]:
     (['--config.model.width=100', '--config.model.num_heads=3'], 'model.width'),
     (['--config.diffusion.mask_ratio=1.5'], 'diffusion.mask_ratio'),
     (['--config.mesh.data=0'], 'mesh.data'),
+    (['--config.mesh.data=3', '--config.mesh.fsdp=1'], 'multiplies to 3 devices'),   # vs the device count
     (['--config=experiments/shapes_small.py:moe'], 'moe'),
     (['--config=experiments/nope.py'], 'nope.py'),
 ])

@@ -78,3 +78,14 @@ def test_unknown_variant():
     _module('paper').get_config('nope')
   with pytest.raises(ValueError, match='dense'):
     _module('shapes_small').get_config('moe')
+
+
+def test_image_text_latent_configs_validate():
+  for variant, (dim, length) in _module('image_text_latent').VARIANTS.items():
+    c = _module('image_text_latent').get_config(variant)
+    assert (c.model.text_encoder, c.model.text_states_dim, c.model.text_length) == ('precomputed', dim, length)
+    c.data.source_dir, c.data.vae_dir, c.data.text_encoder_dir = '/data/images', '/models/vae', '/models/text'
+    config_lib.validate(c)   # the folders themselves are checked when a run starts
+    c.data.text_encoder_dir = ''
+    with pytest.raises(config_lib.ConfigError, match='model.text_encoder'):
+      config_lib.validate(c)

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from ecdit.train import checkpoint as ckpt_lib
-from ecdit.train import loop, mesh_setup, optim
+from ecdit.parallel import batch_sharding
+from ecdit.train import loop, optim
 from ecdit.train import state as state_lib
 
 from _train_util import Batches, data_fn, tiny_config
@@ -22,7 +23,7 @@ def setup():
 
 
 def _batches(setup, nan_at=None):
-  return Batches(setup.cfg, mesh_setup.batch_sharding(setup.mesh), nan_at)
+  return Batches(setup.cfg, batch_sharding(setup.mesh), nan_at)
 
 
 def _host(tree):
@@ -156,7 +157,7 @@ def test_checkpoint_round_trip_and_corrupt_latest(setup, tmp_path, capsys):
 
 def test_loop_resumes_and_nan_stop(tmp_path):
   cfg = tiny_config(num_steps=6, checkpoint_every=3)
-  s = loop.train(cfg, tmp_path / 'a', progress=False, data_fn=data_fn())
+  s = loop.train(cfg, tmp_path / 'a', progress=False, data_fn=data_fn(), devices=jax.devices()[:1])
   assert s['last_checkpoint'] == 6 and s['skipped'] == 0
   full = [json.loads(l) for l in (tmp_path / 'a' / 'metrics.jsonl').read_text().splitlines()]
   assert [r['step'] for r in full] == list(range(1, 7))
@@ -166,7 +167,7 @@ def test_loop_resumes_and_nan_stop(tmp_path):
   cfg.train.nan_policy = 'stop'
   cfg.train.num_steps = 9
   with pytest.raises(loop.NonFiniteLossError, match='step 8'):
-    loop.train(cfg, tmp_path / 'a', progress=False, data_fn=data_fn(nan_at=8))
+    loop.train(cfg, tmp_path / 'a', progress=False, data_fn=data_fn(nan_at=8), devices=jax.devices()[:1])
   ck = ckpt_lib.Checkpointer(tmp_path / 'a')
   assert ck.steps()[-1] == 6
   ck.close()

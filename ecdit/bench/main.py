@@ -1,7 +1,7 @@
 """`ecdit bench <name> [--flags]`: run one benchmark and print its table.
 
-Benchmarks: routing (gather vs one-hot MoE dispatch), data (dataset generation and input pipeline
-throughput; its own flags follow `--`, e.g. `ecdit bench data -- --num_examples=5000`). `--quick` shrinks the work to fit a few minutes on a
+Benchmarks: routing (gather vs one-hot MoE dispatch), mesh (train step on 1 vs 8 simulated devices),
+data (dataset generation and input pipeline throughput; its own flags follow `--`, e.g. `ecdit bench data -- --num_examples=5000`). `--quick` shrinks the work to fit a few minutes on a
 small CPU machine. Numbers are only comparable within one run (ratios); the machine may be shared and noisy.
 """
 from __future__ import annotations
@@ -39,7 +39,14 @@ def _data(extra_args):
   data.run(extra_args)  # argparse flags of its own, passed after `--`
 
 
-BENCHMARKS = {'routing': _routing, 'data': _data}
+def _mesh(extra_args):
+  from ecdit.bench import mesh  # pylint: disable=import-outside-toplevel  (sets 8 CPU devices first)
+  if extra_args:
+    raise app.UsageError(f'unexpected arguments {extra_args} for the mesh benchmark')
+  mesh.run(reps=_REPS.value or 5)
+
+
+BENCHMARKS = {'routing': _routing, 'data': _data, 'mesh': _mesh}
 
 
 def main(argv):

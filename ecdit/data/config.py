@@ -5,6 +5,7 @@ import ml_collections
 
 DATASET_NAMES = ('shapes', 'image_text_folder')
 BAD_IMAGE_POLICIES = ('skip', 'fail')
+TEXT_DTYPES = ('float16', 'float32')   # storage of precomputed text states (ecdit.data.latents)
 
 
 def default_data_config() -> ml_collections.ConfigDict:
@@ -25,11 +26,18 @@ def default_data_config() -> ml_collections.ConfigDict:
   cfg.caption_dropout = 0.1           # probability of the empty caption (classifier-free guidance)
   cfg.seed = 0                        # dataset generation, shuffling and caption dropout
   cfg.worker_count = 0                # grain worker processes; 0 = in-process with a prefetch thread
+  cfg.vae_dir = ''                    # diffusers AutoencoderKL folder: prepare encodes images to latents
+  cfg.text_encoder_dir = ''           # T5 / CLIP text folder: frozen pretrained text encoder (no BPE training)
+  cfg.precompute_text = True          # with text_encoder_dir: store text states in the dataset (else per step)
+  cfg.sample_latents = False          # with vae_dir: store one posterior sample instead of the mean
+  cfg.text_states_dtype = 'float16'   # storage type of precomputed text states
   return cfg
 
 
 # Keys beyond the ones every experiment sets; a config without them gets these values.
-OPTIONAL_DEFAULTS = {'on_bad_image': 'skip', 'latent_shape': (), 'tokenizer_path': ''}
+OPTIONAL_DEFAULTS = {'on_bad_image': 'skip', 'latent_shape': (), 'tokenizer_path': '', 'vae_dir': '',
+                     'text_encoder_dir': '', 'precompute_text': True, 'sample_latents': False,
+                     'text_states_dtype': 'float16'}
 
 
 def option(cfg, key: str):
@@ -78,3 +86,15 @@ def validate_data_config(cfg) -> None:
     _fail('seed', cfg.seed, 'an integer in [0, 2**31)')
   if not isinstance(cfg.worker_count, int) or cfg.worker_count < 0:
     _fail('worker_count', cfg.worker_count, 'an integer >= 0')
+  for key in ('vae_dir', 'text_encoder_dir'):
+    if not isinstance(option(cfg, key), str):
+      _fail(key, option(cfg, key), "'' or a local model folder")
+  for key in ('precompute_text', 'sample_latents'):
+    if not isinstance(option(cfg, key), bool):
+      _fail(key, option(cfg, key), 'True or False')
+  if option(cfg, 'text_states_dtype') not in TEXT_DTYPES:
+    _fail('text_states_dtype', option(cfg, 'text_states_dtype'), f'one of {TEXT_DTYPES}')
+  if option(cfg, 'vae_dir') and cfg.name != 'image_text_folder':
+    _fail('vae_dir', option(cfg, 'vae_dir'), "'' for data.name='shapes' (32 px RGB, no VAE)")
+  if option(cfg, 'vae_dir') and shape:
+    _fail('latent_shape', shape, '() with data.vae_dir (prepare computes the latents)')

@@ -34,9 +34,9 @@ import numpy as np
 
 from ecdit.data import features as features_lib
 from ecdit.data import reader
+from ecdit.data.config import TEXT_DTYPES
 
 NULL_TEXT_FILE = 'null_text.npz'
-TEXT_DTYPES = ('float16', 'float32')
 
 
 def _fingerprints(vae, text_encoder) -> tuple[str, str]:

@@ -44,24 +44,35 @@ class _Collate:
   tokenizer: Any
   dropout: float
   dropout_seed: int
+  null_text: tuple[np.ndarray, np.ndarray] | None = None   # (states, mask) of '' with precomputed states
 
   def __call__(self, elements):
     positions = np.array([e['position'] for e in elements], np.uint64)
     keep = _uniform(self.dropout_seed, positions) >= self.dropout
     captions = [e['caption'].decode('utf-8') if k else '' for e, k in zip(elements, keep)]
-    ids, mask = self.tokenizer.encode_batch(captions)
     image = np.stack([e['image'] for e in elements]).astype(np.float32)
-    batch = {'image': image * np.float32(2.0 / 255.0) - np.float32(1.0), 'text_ids': ids, 'text_mask': mask,
-             'caption': captions}
+    batch = {'image': image * np.float32(2.0 / 255.0) - np.float32(1.0), 'caption': captions}
+    if 'text_states' in elements[0]:   # precomputed by a frozen encoder; dropped captions get the '' states
+      null_states, null_mask = self.null_text
+      batch['text_states'] = np.stack([e['text_states'] if k else null_states
+                                       for e, k in zip(elements, keep)]).astype(np.float32)
+      batch['text_mask'] = np.stack([e['text_mask'] if k else null_mask
+                                     for e, k in zip(elements, keep)]).astype(bool)
+    else:
+      batch['text_ids'], batch['text_mask'] = self.tokenizer.encode_batch(captions)
     if 'latent' in elements[0]:
       batch['latent'] = np.stack([e['latent'] for e in elements]).astype(np.float32)
     return batch
 
 
+_PASSED_THROUGH = ('latent', 'text_states', 'text_mask')
+
+
 def _with_position(position: int, record: dict) -> dict:
   out = {'position': position, 'image': record['image'], 'caption': record['caption']}
-  if 'latent' in record:
-    out['latent'] = record['latent']
+  for key in _PASSED_THROUGH:
+    if key in record:
+      out[key] = record[key]
   return out
 
 
@@ -125,7 +136,9 @@ def make_train_iterator(data_cfg, *, global_batch_size: int, sharding, tokenizer
                         seed: int | None = None, process_index: int | None = None,
                         process_count: int | None = None, num_epochs: int | None = None) -> TrainIterator:
   """Batches of {'image' f32 [B,H,W,C] in [-1,1], 'text_ids' i32 [B,L], 'text_mask' bool [B,L], 'caption'
-  (host-local list of str), 'latent' (if the dataset has it)}.
+  (host-local list of str), 'latent' (if the dataset has it)}. A dataset with precomputed text states
+  (ecdit.data.latents) gives 'text_states' f32 [B,L,D] instead of 'text_ids' (the empty caption's states for
+  dropped captions) and needs no tokenizer (`tokenizer=None`).
 
   With a `jax.sharding.Sharding` the arrays are global `jax.Array`s of batch size `global_batch_size` (the
   sharding must only split the leading, batch axis); with `sharding=None` they are this process's numpy
@@ -148,19 +161,30 @@ def make_train_iterator(data_cfg, *, global_batch_size: int, sharding, tokenizer
     raise ValueError(f'seed={seed}: expected an integer in [0, 2**31)')
   local = global_batch_size // n
 
-  source = reader.data_source(prepare_lib.dataset_dir(data_cfg), split, data_cfg.image_size)
+  path = prepare_lib.dataset_dir(data_cfg)
+  source = reader.data_source(path, split, data_cfg.image_size)
   num_examples = len(source)
   if num_examples == 0:
-    raise ValueError(f'split {split!r} of {prepare_lib.dataset_dir(data_cfg)} is empty')
+    raise ValueError(f'split {split!r} of {path} is empty')
+  features = reader.open_builder(path).info.features
+  null_text = None
+  if 'text_states' in features.keys():
+    from ecdit.data import latents   # pylint: disable=import-outside-toplevel
+    null_text = latents.read_null_text(path)
+    text_length = int(features['text_states'].shape[0])
+  elif tokenizer is None:
+    raise ValueError(f'the dataset at {path} has no precomputed text states: a tokenizer is needed')
+  else:
+    text_length = int(tokenizer.length)
   ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat(num_epochs)
   ds = ds.map_with_index(_with_position)
-  collate = _Collate(tokenizer, float(data_cfg.caption_dropout), seed + 1)
+  collate = _Collate(tokenizer, float(data_cfg.caption_dropout), seed + 1, null_text)
   ds = ds.batch(local, drop_remainder=True, batch_fn=collate)
   if num_epochs is not None:
     ds = ds[:(num_examples * num_epochs // global_batch_size) * n]   # whole global batches only
   ds = ds[p::n]
   identity = {'split': split, 'seed': seed, 'global_batch_size': global_batch_size,
               'num_examples': num_examples, 'caption_dropout': float(data_cfg.caption_dropout),
-              'text_length': int(tokenizer.length)}
+              'text_length': text_length}
   return TrainIterator(ds, sharding=sharding, global_batch_size=global_batch_size,
                        worker_count=data_cfg.worker_count, identity=identity)

@@ -39,10 +39,33 @@ def _config_name(data_cfg) -> str:
   return folder_builder.folder_config(data_cfg).name
 
 
-def dataset_dir(data_cfg) -> pathlib.Path:
-  """Where the dataset for this config lives (whether or not it exists yet)."""
+def imported_dataset_dir(data_cfg) -> pathlib.Path:
+  """Where the generated / imported dataset lives, before any VAE or text-encoder precomputation."""
   config_lib.validate_data_config(data_cfg)
   return pathlib.Path(data_cfg.dir).expanduser() / data_cfg.name / _config_name(data_cfg) / '1.0.0'
+
+
+def _precompute_settings(data_cfg) -> dict | None:
+  """The arguments of the latents.precompute pass this config asks for (None: no pass). The same dict
+  names the encoded dataset's directory, so the two can never disagree."""
+  vae_dir = config_lib.option(data_cfg, 'vae_dir')
+  text_dir = config_lib.option(data_cfg, 'text_encoder_dir') if config_lib.option(data_cfg, 'precompute_text') else ''
+  if not vae_dir and not text_dir:
+    return None
+  return dict(vae_dir=vae_dir, text_encoder_dir=text_dir, text_length=data_cfg.text_length,
+              sample=config_lib.option(data_cfg, 'sample_latents'), seed=data_cfg.seed,
+              text_dtype=config_lib.option(data_cfg, 'text_states_dtype'))
+
+
+def dataset_dir(data_cfg) -> pathlib.Path:
+  """Where the dataset for this config lives (whether or not it exists yet): the imported one, or its
+  encoded copy (latents / text states) when data.vae_dir or data.text_encoder_dir asks for one."""
+  raw = imported_dataset_dir(data_cfg)
+  settings = _precompute_settings(data_cfg)
+  if settings is None:
+    return raw
+  from ecdit.data import latents   # pylint: disable=import-outside-toplevel
+  return latents.encoded_dataset_dir_from_paths(raw, **settings)
 
 
 def _size_bytes(path: pathlib.Path) -> int:
@@ -99,16 +122,43 @@ def _build(data_cfg, final: pathlib.Path, verbose: bool) -> None:
 def prepare(data_cfg, *, verbose: bool = True) -> pathlib.Path:
   """Makes sure the dataset and its tokenizer exist; returns the dataset directory. Idempotent."""
   from ecdit.data import reader, tokenizer   # pylint: disable=import-outside-toplevel
-  final = dataset_dir(data_cfg)
+  final = imported_dataset_dir(data_cfg)
   if (final / 'dataset_info.json').is_file():
     reader.open_builder(final, data_cfg.image_size)   # wrong feature shape → clear error
   else:
     _build(data_cfg, final, verbose)
-  if not config_lib.option(data_cfg, 'tokenizer_path'):
-    tokenizer.ensure_tokenizer(final, data_cfg)
+  settings = _precompute_settings(data_cfg)
+  if settings is not None:
+    final = _precompute(data_cfg, final, settings, verbose)
+  if not config_lib.option(data_cfg, 'tokenizer_path') and not config_lib.option(data_cfg, 'text_encoder_dir'):
+    tokenizer.ensure_tokenizer(final, data_cfg)   # a pretrained text encoder brings its own tokenizer
   if verbose:
     print(describe(final))
   return final
+
+
+def _precompute(data_cfg, imported: pathlib.Path, settings: dict, verbose: bool) -> pathlib.Path:
+  """Encodes the imported dataset's images (VAE) and/or captions (text encoder) into its encoded copy."""
+  from ecdit.data import latents   # pylint: disable=import-outside-toplevel
+  expected = dataset_dir(data_cfg)
+  if (expected / 'dataset_info.json').is_file():
+    return expected   # done before: do not even load the weights
+  vae = text_encoder = None
+  if settings['vae_dir']:
+    from ecdit.models.vae import load_vae   # pylint: disable=import-outside-toplevel
+    vae = load_vae(settings['vae_dir'])
+  if settings['text_encoder_dir']:
+    from ecdit.models.text_pretrained import load_text_encoder   # pylint: disable=import-outside-toplevel
+    text_encoder = load_text_encoder(settings['text_encoder_dir'], length=settings['text_length'])
+  start = time.perf_counter()
+  out = latents.precompute(imported, vae=vae, text_encoder=text_encoder, sample=settings['sample'],
+                           seed=settings['seed'], text_dtype=settings['text_dtype'], progress=verbose)
+  if out != expected:   # the name from the folders alone must match the one from the loaded models
+    raise RuntimeError(f'encoded dataset written to {out} but expected at {expected}')
+  if verbose:
+    print(f'encoded {", ".join(k for k in ("vae_dir", "text_encoder_dir") if settings[k])} into {out} '
+          f'in {time.perf_counter() - start:.1f} s')
+  return out
 
 
 # `ecdit prepare --config=...`. The training command imports this module for `prepare()` and has its own

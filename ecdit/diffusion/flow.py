@@ -84,7 +84,8 @@ def flow_loss(apply_fn: Callable[..., Any], params, batch: Mapping[str, jax.Arra
     n = (h // patch_size) * (w // patch_size)
     keep_idx = random_keep_idx(k_mask, b, n, num_kept(n, mask_ratio))
     target = jnp.take_along_axis(patchify(target, patch_size), keep_idx[:, :, None], axis=1)
-  pred, collections = apply_fn(params, x_t, t, batch['text_ids'], batch['text_mask'], keep_idx)
+  text = batch['text_states'] if 'text_states' in batch else batch['text_ids']   # frozen encoder's, or ids
+  pred, collections = apply_fn(params, x_t, t, text, batch['text_mask'], keep_idx)
   mse = jnp.mean(jnp.square(pred.astype(jnp.float32) - target))
   aux_loss = sum_collection(collections.get('losses', {}))
   return mse + aux_loss, {'flow_loss': mse, 'aux_loss': aux_loss,

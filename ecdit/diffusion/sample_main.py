@@ -3,7 +3,8 @@
   ecdit sample --workdir=runs/shapes_tiny --prompts="a red circle;two squares" --out=grid.png
 
 The model, tokenizer and data settings come from the workdir's config.json; the weights from its newest
-readable checkpoint (EMA weights unless --noema).
+readable checkpoint (EMA weights unless --noema). With data.text_encoder_dir the prompts are encoded by that
+pretrained encoder, and with data.vae_dir the sampled latents are decoded to pixels by that VAE.
 """
 from __future__ import annotations
 
@@ -60,32 +61,36 @@ def main(argv):
   if not prompts:
     _fail('--prompts is empty')
 
-  from ecdit.data.tokenizer import load_or_train_tokenizer
+  from ecdit.train import frozen
   from ecdit.diffusion import sampler as sampler_lib
   from ecdit.train import checkpoint as ckpt_lib
   from ecdit.train import config as config_lib
   from ecdit.train import loop
 
-  mcfg = config_lib.validate(cfg)
-  setup = loop.build(cfg, mcfg)
+  try:
+    mcfg = config_lib.validate(cfg)
+    setup = loop.build(cfg, mcfg)
+  except config_lib.ConfigError as e:
+    _fail(str(e))
   ck = ckpt_lib.Checkpointer(workdir, keep=cfg.train.keep_checkpoints, use_async=False)
   restored = ck.restore_latest(setup.abstract_state)
   ck.close()
   if restored is None:
     _fail(f'--workdir={workdir}: no checkpoint in {workdir / "checkpoints"}')
   state, _, step = restored
-  tokenizer = load_or_train_tokenizer(cfg.data)
+  tokenizer = frozen.prompt_tokenizer(cfg.data)   # ecdit's tokenizer, or the pretrained encoder's states
+  decode = frozen.decoder(cfg.data)               # the VAE's decoder when the model works on latents
   sampler = sampler_lib.make_sampler(
       setup.model, image_shape=(mcfg.image_size, mcfg.image_size, mcfg.in_channels),
       num_steps=_STEPS.value or cfg.sample.num_steps,
       cfg_scale=cfg.sample.cfg_scale if _CFG_SCALE.value is None else _CFG_SCALE.value,
-      method=_SAMPLER.value or cfg.sample.sampler)
+      method=_SAMPLER.value or cfg.sample.sampler, clip=decode is None)
   batch = [p for p in prompts for _ in range(_REPEAT.value)]
   seed = cfg.sample.seed if _SEED.value is None else _SEED.value
   images = sampler_lib.sample_prompts(sampler, state.ema_params if _EMA.value else state.params,
-                                      tokenizer, batch, seed)
+                                      tokenizer, batch, seed, decode=decode)
   out = Path(_OUT.value) if _OUT.value else workdir / 'samples' / f'sample_{step:07d}.png'
-  scale = max(1, 128 // mcfg.image_size)
+  scale = max(1, 128 // images.shape[1])
   cols = _REPEAT.value if _REPEAT.value > 1 else None
   sampler_lib.save_png(sampler_lib.make_grid(images, cols=cols, scale=scale), out)
   print(f'wrote {out}: {len(batch)} samples from checkpoint step {step} '

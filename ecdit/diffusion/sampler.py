@@ -57,10 +57,12 @@ def integrate(apply_fn, params, noise, ids, mask, null_ids, null_mask, *, num_st
 
 
 def make_sampler(model, *, image_shape: tuple[int, int, int], num_steps: int, cfg_scale: float,
-                 method: str = 'euler') -> Callable[..., jax.Array]:
+                 method: str = 'euler', clip: bool = True) -> Callable[..., jax.Array]:
   """A jitted `fn(params, ids, mask, null_ids, null_mask, seed) -> images [B,H,W,C] in [-1,1]`.
 
   The noise comes from `jax.random.key(seed)` alone, so the same seed and prompts give the same images.
+  `ids` may also be text states `[B,L,D]` (a frozen pretrained encoder). `clip=False` returns x unclipped
+  (VAE latents, which the caller decodes).
   """
   def apply_fn(params, x, t, ids, mask):
     return model.apply({'params': params}, x, t, ids, mask, train=False)
@@ -70,18 +72,28 @@ def make_sampler(model, *, image_shape: tuple[int, int, int], num_steps: int, cf
     noise = jax.random.normal(jax.random.key(seed), (ids.shape[0],) + tuple(image_shape), jnp.float32)
     x = integrate(apply_fn, params, noise, ids, mask, null_ids, null_mask, num_steps=num_steps,
                   cfg_scale=cfg_scale, method=method)
-    return jnp.clip(x, -1.0, 1.0)
+    return jnp.clip(x, -1.0, 1.0) if clip else x
 
   return run
 
 
-def sample_prompts(sampler, params, tokenizer, prompts: list[str], seed: int) -> np.ndarray:
-  """Tokenises the prompts and the empty caption, runs `sampler`, returns uint8 images `[B,H,W,C]`."""
+def _text_array(a) -> jax.Array:
+  a = np.asarray(a)
+  return jnp.asarray(a, jnp.int32 if np.issubdtype(a.dtype, np.integer) else jnp.float32)
+
+
+def sample_prompts(sampler, params, tokenizer, prompts: list[str], seed: int, decode=None) -> np.ndarray:
+  """Encodes the prompts and the empty caption, runs `sampler`, returns uint8 images `[B,H,W,C]`.
+
+  `tokenizer.encode_batch(texts) -> (ids or states, mask)`; `decode` (e.g. a VAE's) maps the sampled
+  latents to pixels in [-1, 1] (clipped here)."""
   ids, mask = tokenizer.encode_batch(list(prompts))
   null_ids, null_mask = tokenizer.encode_batch([''])
-  x = sampler(params, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, bool), jnp.asarray(null_ids, jnp.int32),
+  x = sampler(params, _text_array(ids), jnp.asarray(mask, bool), _text_array(null_ids),
               jnp.asarray(null_mask, bool), seed)
-  return to_uint8(np.asarray(x))
+  if decode is not None:
+    x = decode(x)
+  return to_uint8(np.clip(np.asarray(x, np.float32), -1.0, 1.0))
 
 
 def to_uint8(x: np.ndarray) -> np.ndarray:

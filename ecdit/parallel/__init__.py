@@ -19,9 +19,10 @@ import contextlib
 
 import jax
 
-from ecdit.parallel.mesh import AXES, BATCH_AXES, batch_shards, check_divisibility, default_mesh_config, make_mesh
+from ecdit.parallel.mesh import (AXES, BATCH_AXES, batch_shards, check_divisibility, default_mesh_config, fit_mesh,
+                                 make_mesh)
 from ecdit.parallel.rules import (LOGICAL_RULES, activation_rules, batch_sharding, batch_spec, logical_to_spec,
-                                  opt_state_shardings, param_shardings, param_specs, shard_params)
+                                  opt_state_shardings, param_shardings, param_specs, replicated, shard_params)
 
 
 @contextlib.contextmanager
@@ -32,5 +33,5 @@ def use_mesh(mesh):
 
 
 __all__ = ['AXES', 'BATCH_AXES', 'LOGICAL_RULES', 'activation_rules', 'batch_shards', 'batch_sharding',
-           'batch_spec', 'check_divisibility', 'default_mesh_config', 'logical_to_spec', 'make_mesh',
-           'opt_state_shardings', 'param_shardings', 'param_specs', 'shard_params', 'use_mesh']
+           'batch_spec', 'check_divisibility', 'default_mesh_config', 'fit_mesh', 'logical_to_spec', 'make_mesh',
+           'opt_state_shardings', 'param_shardings', 'param_specs', 'replicated', 'shard_params', 'use_mesh']

@@ -94,6 +94,26 @@ def make_mesh(mesh_cfg: Mapping[str, int], devices: Sequence[jax.Device] | None 
   return Mesh(grid, AXES, axis_types=(AxisType.Auto,) * len(AXES))
 
 
+def fit_mesh(mesh_cfg: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A mesh for programs that only load and run a trained model (sample, eval, export) in one process.
+
+  The run's mesh config is kept when it fits these devices (default: this process's devices): exactly, or on
+  the first N devices when its fixed axes need fewer. Otherwise (a checkpoint trained on more devices than
+  there are here) every device goes on 'data'. Training uses `make_mesh`, which refuses a mismatch instead."""
+  devices = list(jax.local_devices() if devices is None else devices)
+  try:
+    return make_mesh(mesh_cfg, devices)
+  except ValueError:
+    pass
+  try:
+    sizes = [int(_get(mesh_cfg, a)) for a in AXES]
+  except (AttributeError, TypeError, ValueError):
+    sizes = [-1]
+  if -1 not in sizes and all(s >= 1 for s in sizes) and math.prod(sizes) < len(devices):
+    return make_mesh(mesh_cfg, devices[:math.prod(sizes)])
+  return make_mesh(dict(data=-1, fsdp=1, expert=1, model=1), devices)
+
+
 def batch_shards(mesh: Mesh) -> int:
   """How many pieces the batch is split into: data·fsdp·expert."""
   return math.prod(mesh.shape[a] for a in BATCH_AXES)

@@ -104,6 +104,11 @@ def opt_state_shardings(opt_state, params_shardings, mesh: Mesh) -> Any:
   return jax.tree.map(visit, opt_state, is_leaf=lambda n: jax.tree.structure(n) == param_struct)
 
 
+def replicated(mesh: Mesh) -> NamedSharding:
+  """Every device holds the whole array (step counters, keys, metrics)."""
+  return NamedSharding(mesh, P())
+
+
 def batch_spec(ndim: int = 1) -> P:
   """Leading (batch) axis over data·fsdp·expert, the rest whole."""
   return P(BATCH_AXES, *([None] * (ndim - 1)))

@@ -1,6 +1,7 @@
 """Orbax checkpoints of the train state, the data-iterator state and the resolved config.
 
-Layout: `<workdir>/checkpoints/<step>/{state,data,config}`. Saves are asynchronous (Orbax writes into a
+Layout: `<workdir>/checkpoints/<step>/{state,data,config}`. In a multi-process run every process calls save
+and restore (each writes its own shards; every leaf of the state is a global jax.Array). Saves are asynchronous (Orbax writes into a
 temporary directory and renames it when complete, so a killed save leaves no step directory behind).
 Restoring builds the target from the *current* config's abstract state (shapes, dtypes, shardings), so a
 checkpoint can be restored onto another mesh. A latest checkpoint that cannot be read is reported and the
@@ -18,8 +19,18 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ecdit.train.state import all_finite
+
+
+def _is_finite(tree) -> bool:
+  """all_finite as one jitted reduction whose result every process can read (replicated on the mesh)."""
+  leaves = jax.tree.leaves(tree)
+  sharding = getattr(leaves[0], 'sharding', None) if leaves else None
+  if isinstance(sharding, NamedSharding):
+    return bool(jax.jit(all_finite, out_shardings=NamedSharding(sharding.mesh, P()))(tree))
+  return bool(all_finite(tree))
 
 
 class NonFiniteStateError(RuntimeError):
@@ -50,7 +61,7 @@ class Checkpointer:
 
   def save(self, step: int, state, data_state: Any, config: dict) -> None:
     """Starts an async save of `state` (refused if anything in it is not finite)."""
-    if not bool(all_finite((state.params, state.ema_params, state.opt_state))):
+    if not _is_finite((state.params, state.ema_params, state.opt_state)):
       raise NonFiniteStateError(f'refusing to checkpoint step {step}: the train state is not finite')
     args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
                               config=ocp.args.JsonSave(config))
@@ -70,7 +81,7 @@ class Checkpointer:
     state = out['state']
     if int(np.asarray(state.step)) != step:
       raise CheckpointError(f'checkpoint {step} holds step {int(np.asarray(state.step))}')
-    if not bool(all_finite((state.params, state.ema_params, state.opt_state))):
+    if not _is_finite((state.params, state.ema_params, state.opt_state)):
       raise CheckpointError(f'checkpoint {step} holds non-finite values')
     return state, out['data']
 
@@ -105,14 +116,18 @@ class Checkpointer:
   def _quarantine(self, steps: list[int]) -> None:
     """Moves unreadable step directories out of the manager's way (keeping them for inspection)."""
     self.manager.close()
-    dest_root = self.workdir / 'checkpoints_unreadable'
-    dest_root.mkdir(parents=True, exist_ok=True)
-    for step in steps:
-      src = self.directory / str(step)
-      if src.exists():
-        dest = dest_root / f'{step}-{time.strftime("%Y%m%d-%H%M%S")}'
-        shutil.move(str(src), str(dest))
-        print(f'moved unreadable checkpoint {src} to {dest}', flush=True)
+    if jax.process_index() == 0:   # one process moves; the others wait for it
+      dest_root = self.workdir / 'checkpoints_unreadable'
+      dest_root.mkdir(parents=True, exist_ok=True)
+      for step in steps:
+        src = self.directory / str(step)
+        if src.exists():
+          dest = dest_root / f'{step}-{time.strftime("%Y%m%d-%H%M%S")}'
+          shutil.move(str(src), str(dest))
+          print(f'moved unreadable checkpoint {src} to {dest}', flush=True)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices('ecdit: unreadable checkpoints moved')
     self.manager = _manager(self.directory, self.keep, self.use_async)
 
 

@@ -197,18 +197,28 @@ def validate(cfg) -> ModelConfig:
 
   # The model and the data must agree on the shapes they exchange. With latents (data.latent_shape =
   # (h, w, c)) the model's input is the latent, not the image.
+  # With data.vae_dir / data.text_encoder_dir the frozen models' own configs decide the shapes; those are
+  # checked against the model when a run starts (ecdit.train.frozen.check), not here.
   latent = tuple(cfg.data.get('latent_shape', ()) or ())
-  pairs = [('vocab_size', cfg.data.vocab_size, 'data.vocab_size'),
-           ('text_length', cfg.data.text_length, 'data.text_length')]
-  if latent:
+  vae_dir, text_dir = cfg.data.get('vae_dir', ''), cfg.data.get('text_encoder_dir', '')
+  if text_dir and mcfg.text_encoder != 'precomputed':
+    _fail('model.text_encoder', mcfg.text_encoder,
+          "'precomputed' with data.text_encoder_dir (the model reads the frozen encoder's states)")
+  if not text_dir and mcfg.text_encoder != 'transformer':
+    _fail('model.text_encoder', mcfg.text_encoder,
+          "'transformer' for training on token ids (or set data.text_encoder_dir for a pretrained encoder)")
+  pairs = [('text_length', cfg.data.text_length, 'data.text_length')]
+  if not text_dir:
+    pairs.append(('vocab_size', cfg.data.vocab_size, 'data.vocab_size'))
+  if vae_dir:
+    pass
+  elif latent:
     pairs += [('image_size', latent[0], 'data.latent_shape[0]'), ('in_channels', latent[-1], 'data.latent_shape[-1]')]
   else:
     pairs += [('image_size', cfg.data.image_size, 'data.image_size'), ('in_channels', 3, 'RGB images (3)')]
   for mkey, want, where in pairs:
     if getattr(mcfg, mkey) != want:
       _fail(f'model.{mkey}', getattr(mcfg, mkey), f'{where}={want!r} (they must match)')
-  if mcfg.text_encoder != 'transformer':
-    _fail('model.text_encoder', mcfg.text_encoder, "'transformer' for training on token ids")
   return mcfg
 
 

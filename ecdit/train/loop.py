@@ -9,13 +9,16 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import flax.linen as nn
 import numpy as np
 from absl import logging
 
+from ecdit import parallel
 from ecdit.diffusion import sampler as sampler_lib
 from ecdit.train import checkpoint as ckpt_lib
 from ecdit.train import config as config_lib
-from ecdit.train import mesh_setup, optim
+from ecdit.train import frozen
+from ecdit.train import optim
 from ecdit.train import state as state_lib
 from ecdit.train.metrics import MetricsWriter, Progress, Timer
 from ecdit.train.step import jit_train_step, make_train_step
@@ -30,10 +33,13 @@ def init_params(model, mcfg, seed: int):
   b = 1
   x = jnp.zeros((b, mcfg.image_size, mcfg.image_size, mcfg.in_channels), jnp.float32)
   t = jnp.zeros((b,), jnp.float32)
-  ids = jnp.zeros((b, mcfg.text_length), jnp.int32)
+  if mcfg.text_encoder == 'precomputed':   # a frozen pretrained encoder's states
+    ids = jnp.zeros((b, mcfg.text_length, mcfg.text_states_dim), jnp.float32)
+  else:
+    ids = jnp.zeros((b, mcfg.text_length), jnp.int32)
   mask = jnp.ones((b, mcfg.text_length), bool)
   key = jax.random.split(jax.random.key(seed))[1]
-  return model.init(key, x, t, ids, mask, train=False)['params']
+  return model.init(key, x, t, ids, mask, train=False)['params']   # boxed: nn.Partitioned leaves
 
 
 @dataclasses.dataclass
@@ -51,21 +57,39 @@ class Setup:
 
   def init_state(self):
     def make():
-      return state_lib.create(init_params(self.model, self.mcfg, self.cfg.seed), self.tx, self.cfg.seed)
+      params = nn.unbox(init_params(self.model, self.mcfg, self.cfg.seed))
+      return state_lib.create(params, self.tx, self.cfg.seed)
     return jax.jit(make, out_shardings=self.state_shardings)()
 
 
-def build(cfg, mcfg=None, devices=None) -> Setup:
+def state_shardings(abstract_state, boxed_params, mesh):
+  """Shardings of a TrainState on `mesh`: parameters, EMA and the optimizer's parameter-shaped moments from
+  the rules table; counters and the key replicated."""
+  param_sh = parallel.param_shardings(boxed_params, mesh)
+  rep = parallel.replicated(mesh)
+  return state_lib.TrainState(
+      step=rep, params=param_sh, opt_state=parallel.opt_state_shardings(abstract_state.opt_state, param_sh, mesh),
+      ema_params=param_sh, rng=rep, skipped=rep)
+
+
+def build(cfg, mcfg=None, devices=None, *, strict: bool = False) -> Setup:
+  """Model, optimizer, mesh, shardings and the jitted step for `cfg`.
+
+  strict (training): the mesh is `cfg.mesh` over `devices` (default: every process's devices) exactly, and
+  the model and global batch must divide over it — errors name the numbers, before anything compiles.
+  Otherwise (restoring a run to sample, evaluate or export) `parallel.fit_mesh` adapts the run's mesh to the
+  devices at hand; the checkpoint is resharded onto it."""
   from ecdit.models.ecdit import build_model
   mcfg = mcfg or config_lib.validate(cfg)
-  mesh = mesh_setup.build_mesh(cfg.mesh, devices)
-  mesh_setup.check_batch(cfg.train.batch_size, mesh)
+  frozen.check(cfg, mcfg)   # the VAE / text encoder folders agree with the model (config.json only)
+  mesh = parallel.make_mesh(cfg.mesh, devices) if strict else parallel.fit_mesh(cfg.mesh, devices)
+  parallel.check_divisibility(mcfg, mesh, cfg.train.batch_size if strict else None)
   model = build_model(mcfg)
   tx = optim.make_optimizer(cfg.train)
   lr = optim.schedule(cfg.train)
-  abstract = jax.eval_shape(
-      lambda: state_lib.create(init_params(model, mcfg, cfg.seed), tx, cfg.seed))
-  shardings = jax.tree.map(lambda _: mesh_setup.replicated(mesh), abstract)
+  boxed = jax.eval_shape(lambda: init_params(model, mcfg, cfg.seed))
+  abstract = jax.eval_shape(lambda p: state_lib.create(p, tx, cfg.seed), nn.unbox(boxed))
+  shardings = state_shardings(abstract, boxed, mesh)
   step = jit_train_step(make_train_step(model, tx, lr, cfg, mcfg.patch_size), mesh, shardings)
   return Setup(cfg, mcfg, mesh, model, tx, lr, shardings, ckpt_lib.abstract_like(abstract, shardings), step)
 
@@ -77,43 +101,67 @@ def resolved_config(cfg, mcfg) -> dict:
 
 
 def _data(cfg, mesh):
-  from ecdit.data import pipeline, prepare, tokenizer
+  from ecdit.data import pipeline, prepare
+  if jax.process_count() > 1:   # process 0 builds the dataset and tokenizer; the others then find them
+    from jax.experimental import multihost_utils
+    if jax.process_index() == 0:
+      prepare.prepare(cfg.data)
+      frozen.pipeline_tokenizer(cfg.data)
+    multihost_utils.sync_global_devices('ecdit: dataset prepared')
   prepare.prepare(cfg.data)
-  tok = tokenizer.load_or_train_tokenizer(cfg.data)
+  tok = frozen.pipeline_tokenizer(cfg.data)   # None when the dataset holds a frozen encoder's text states
   it = pipeline.make_train_iterator(cfg.data, global_batch_size=cfg.train.batch_size,
-                                    sharding=mesh_setup.batch_sharding(mesh), tokenizer=tok, split='train',
+                                    sharding=parallel.batch_sharding(mesh), tokenizer=tok, split='train',
                                     seed=cfg.seed)
   return tok, it
 
 
 def model_batch(batch) -> dict:
-  """The arrays the step consumes; with precomputed latents the model's input is the latent."""
+  """The arrays the step consumes; with precomputed latents the model's input is the latent, with
+  precomputed text states (a frozen pretrained encoder) its text input is those states."""
   image = batch['latent'] if 'latent' in batch else batch['image']
-  return {'image': image, 'text_ids': batch['text_ids'], 'text_mask': batch['text_mask']}
+  text = 'text_states' if 'text_states' in batch else 'text_ids'
+  return {'image': image, text: batch[text], 'text_mask': batch['text_mask']}
 
 
-def preview(setup: Setup, sampler, params, tokenizer, path: Path) -> Path:
+def preview(setup: Setup, sampler, params, tokenizer, path: Path, decode=None) -> Path | None:
+  """A grid of samples, written by process 0 (the others only help gather the parameters)."""
   prompts = [p.strip() for p in setup.cfg.sample.prompts.split(';') if p.strip()]
-  images = sampler_lib.sample_prompts(sampler, params, tokenizer, prompts, setup.cfg.sample.seed)
-  scale = max(1, 128 // setup.mcfg.image_size)
+  if jax.process_count() > 1:   # the parameters span processes: gather a whole copy, sample on process 0
+    params = jax.jit(lambda p: p, out_shardings=parallel.replicated(setup.mesh))(params)
+    if jax.process_index() != 0:
+      return None
+    params = jax.tree.map(lambda a: a.addressable_data(0), params)
+  images = sampler_lib.sample_prompts(sampler, params, tokenizer, prompts, setup.cfg.sample.seed, decode=decode)
+  scale = max(1, 128 // images.shape[1])
   return sampler_lib.save_png(sampler_lib.make_grid(images, scale=scale), path)
 
 
-def train(cfg, workdir: str | Path, *, progress: bool = True, data_fn=None) -> dict:
+def train(cfg, workdir: str | Path, *, progress: bool = True, data_fn=None, devices=None) -> dict:
   """Trains `cfg` in `workdir`, resuming from its latest readable checkpoint. Returns a summary dict.
 
-  `data_fn(cfg, mesh) -> (tokenizer, iterator)` replaces the data pipeline (tests).
+  `data_fn(cfg, mesh) -> (tokenizer, iterator)` replaces the data pipeline (tests). `devices`: the mesh's
+  devices (default: all of every process's). With several processes every one runs this function; only
+  process 0 writes config.json, metrics, TensorBoard and samples, and all of them save checkpoints.
   """
   wall = Timer()
   workdir = Path(workdir)
   mcfg = config_lib.validate(cfg)
   workdir.mkdir(parents=True, exist_ok=True)
-  setup = build(cfg, mcfg)
+  try:
+    setup = build(cfg, mcfg, devices, strict=True)
+  except ValueError as e:   # the mesh does not fit the devices, or does not divide the model or batch
+    raise config_lib.ConfigError(str(e).splitlines()[0]) from None
   t = cfg.train
+  main_process = jax.process_index() == 0
   resolved = resolved_config(cfg, mcfg)
-  (workdir / 'config.json').write_text(json.dumps(resolved, indent=2, sort_keys=True) + '\n')
+  if main_process:
+    (workdir / 'config.json').write_text(json.dumps(resolved, indent=2, sort_keys=True) + '\n')
 
   tokenizer, data_iter = (data_fn or _data)(cfg, setup.mesh)
+  prompts_tok = frozen.prompt_tokenizer(cfg.data, fallback=tokenizer)   # a pretrained encoder's states, if any
+  decode = frozen.decoder(cfg.data)   # latents -> pixels for previews (data.vae_dir)
+  encode_text = frozen.text_step(cfg.data, setup.mesh)   # data.precompute_text=False: encoder in the loop
   ckpt = ckpt_lib.Checkpointer(workdir, keep=t.keep_checkpoints, use_async=t.async_checkpoints)
   restored = ckpt.restore_latest(setup.abstract_state)
   if restored is None:
@@ -123,18 +171,19 @@ def train(cfg, workdir: str | Path, *, progress: bool = True, data_fn=None) -> d
     data_iter.set_state(data_state)
     print(f'resuming {cfg.name} from checkpoint step {start} in {ckpt.directory}', flush=True)
 
-  writer = MetricsWriter(workdir, start_step=start)
+  writer = MetricsWriter(workdir, start_step=start, enabled=main_process)
   sampler = sampler_lib.make_sampler(
       setup.model, image_shape=(mcfg.image_size, mcfg.image_size, mcfg.in_channels),
-      num_steps=cfg.sample.num_steps, cfg_scale=cfg.sample.cfg_scale, method=cfg.sample.sampler)
+      num_steps=cfg.sample.num_steps, cfg_scale=cfg.sample.cfg_scale, method=cfg.sample.sampler,
+      clip=decode is None)
   samples_dir = workdir / 'samples'
   last_sample = None
 
   def do_preview(step):
     params = state.ema_params if cfg.sample.use_ema else state.params
-    return preview(setup, sampler, params, tokenizer, samples_dir / f'step_{step:07d}.png')
+    return preview(setup, sampler, params, prompts_tok, samples_dir / f'step_{step:07d}.png', decode=decode)
 
-  bar = Progress(start, t.num_steps, cfg.name, enabled=progress)
+  bar = Progress(start, t.num_steps, cfg.name, enabled=progress and main_process)
   compile_s, steady_t0, steady_from = 0.0, None, start
   last_logged: dict = {}
   compiled = None
@@ -142,6 +191,8 @@ def train(cfg, workdir: str | Path, *, progress: bool = True, data_fn=None) -> d
   try:
     for i in range(start, t.num_steps):
       batch = model_batch(next(data_iter))
+      if encode_text is not None:
+        batch = encode_text(batch)
       if compiled is None:
         t0 = time.perf_counter()
         compiled = setup.train_step.lower(state, batch).compile()

@@ -106,14 +106,23 @@ def main(argv):
   from ecdit.train import config as config_lib
   cfg = load_config()
   try:
-    config_lib.validate(cfg)
+    from ecdit.train import frozen
+    frozen.check(cfg, config_lib.validate(cfg))   # and the VAE / text encoder folders' config.json
   except config_lib.ConfigError as e:
     _fail(one_line(e))
+  # Join the multi-process job (a no-op for one process) before anything asks JAX for its devices.
+  from ecdit.parallel import distributed
+  try:
+    distributed.initialize()
+  except (ValueError, RuntimeError) as e:
+    _fail(one_line(e), code=1)
   workdir = Path(_WORKDIR.value or Path('runs') / cfg.name)
   from ecdit.train import loop
   from ecdit.train.checkpoint import CheckpointError
   try:
     summary = loop.train(cfg, workdir, progress=_PROGRESS.value)
+  except config_lib.ConfigError as e:   # mesh vs devices, model or batch: found before any compile
+    _fail(one_line(e))
   except (loop.NonFiniteLossError, CheckpointError) as e:
     _fail(one_line(e), code=1)
   print(loop.summary_line(summary), flush=True)

@@ -52,8 +52,11 @@ class MetricsWriter:
   mirrors scalars to TensorBoard. On resume from step S, records after S (logged by the killed run
   after its last checkpoint) are dropped first, so the file reads as one uninterrupted run."""
 
-  def __init__(self, workdir: str | Path, start_step: int = 0, tensorboard: bool = True):
+  def __init__(self, workdir: str | Path, start_step: int = 0, tensorboard: bool = True, enabled: bool = True):
     self.path = Path(workdir) / 'metrics.jsonl'
+    self._file, self._tb = None, None
+    if not enabled:   # another process than 0 of a multi-process run: write() only formats the record
+      return
     self.path.parent.mkdir(parents=True, exist_ok=True)
     kept = [r for r in read_jsonl(self.path) if r.get('step', 0) <= start_step]
     tmp = self.path.with_name('metrics.jsonl.tmp')
@@ -71,6 +74,8 @@ class MetricsWriter:
   def write(self, step: int, metrics: Mapping[str, Any]) -> dict:
     record = {'step': int(step)}
     record.update({k: _to_python(v) for k, v in metrics.items()})
+    if self._file is None:
+      return record
     self._file.write(json.dumps(record) + '\n')
     self._file.flush()
     if self._tb is not None:
@@ -82,7 +87,8 @@ class MetricsWriter:
     return record
 
   def close(self):
-    self._file.close()
+    if self._file is not None:
+      self._file.close()
     if self._tb is not None:
       self._tb.close()
 

@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
+from ecdit import parallel
 from ecdit.diffusion import flow
-from ecdit.train import mesh_setup
 from ecdit.train.state import TrainState, ema_decay_at, ema_update, step_key
 
 
@@ -87,7 +87,16 @@ def make_train_step(model, tx: optax.GradientTransformation, lr_schedule: optax.
 
 
 def jit_train_step(train_step, mesh: Mesh, state_shardings, batch_shardings=None):
-  """jit with explicit in/out shardings and the state donated: one compile, reused on every call."""
-  batch_shardings = batch_shardings or mesh_setup.batch_sharding(mesh)
-  return jax.jit(train_step, in_shardings=(state_shardings, batch_shardings),
-                 out_shardings=(state_shardings, mesh_setup.replicated(mesh)), donate_argnums=(0,))
+  """jit with explicit in/out shardings and the state donated: one compile, reused on every call.
+
+  The step is traced inside `mesh` (its abstract mesh and the logical-axis rules), whatever context the
+  caller is in: the MoE layers see the mesh and run expert-parallel, and the model's logical constraints
+  resolve through `ecdit.parallel.LOGICAL_RULES`. Metrics come back replicated on every device."""
+  batch_shardings = batch_shardings or parallel.batch_sharding(mesh)
+
+  def step_in_mesh(state, batch):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), parallel.activation_rules():
+      return train_step(state, batch)
+
+  return jax.jit(step_in_mesh, in_shardings=(state_shardings, batch_shardings),
+                 out_shardings=(state_shardings, parallel.replicated(mesh)), donate_argnums=(0,))

@@ -1,0 +1,112 @@
+"""End to end through the real-data path: `ecdit prepare` (VAE latents + T5 text states), `ecdit train` and
+`ecdit sample` on a tiny image folder, with tiny random-weight diffusers / transformers models saved to disk.
+
+Every command runs in its own process (tests/cli_util.py). Needs the torch extra to build the model folders.
+"""
+import json
+import pathlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cli_util import run_cli
+from test_data_folder import write_image
+from test_text_pretrained import _spiece
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope='module')
+def setup(tmp_path_factory):
+  torch = pytest.importorskip('torch', reason='needs the torch extra (requirements-torch.txt)')
+  diffusers = pytest.importorskip('diffusers', reason='needs diffusers (requirements-torch.txt)')
+  transformers = pytest.importorskip('transformers', reason='needs transformers (requirements-torch.txt)')
+  root = tmp_path_factory.mktemp('e2e')
+  torch.manual_seed(0)
+  vae = diffusers.AutoencoderKL(   # 4 levels: 8× down, so 64 px → 8×8×4 latents
+      in_channels=3, out_channels=3, block_out_channels=(8, 8, 8, 8), layers_per_block=1, latent_channels=4,
+      norm_num_groups=4, down_block_types=('DownEncoderBlock2D',) * 4, up_block_types=('UpDecoderBlock2D',) * 4,
+      sample_size=64)
+  vae.save_pretrained(root / 'vae')
+  t5 = transformers.T5EncoderModel(transformers.T5Config(
+      vocab_size=48, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2, feed_forward_proj='gated-gelu',
+      relative_attention_num_buckets=8, relative_attention_max_distance=20)).eval()
+  t5.save_pretrained(root / 't5')
+  _spiece(root / 't5')
+  images = root / 'images'
+  images.mkdir()
+  words = ['red', 'green', 'blue', 'big', 'small']
+  for i in range(5):
+    write_image(images / f'img{i}.png', size=(64, 64), color=(50 * i, 100, 200 - 40 * i))
+    (images / f'img{i}.txt').write_text(f'a {words[i]} thing')
+  exp = root / 'tiny_itl.py'
+  exp.write_text(f'''
+import importlib.util
+_spec = importlib.util.spec_from_file_location('itl', {str(REPO / 'experiments' / 'image_text_latent.py')!r})
+_itl = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_itl)
+
+
+def get_config():
+  c = _itl.get_config('t5')
+  c.name = 'tiny_itl'
+  m = c.model
+  m.size, m.num_experts, m.dtype = 'tiny', 4, 'float32'
+  m.image_size, m.in_channels, m.patch_size, m.text_states_dim, m.text_length = 8, 4, 2, 16, 8
+  d = c.data
+  d.dir, d.source_dir = {str(root / 'data')!r}, {str(images)!r}
+  d.vae_dir, d.text_encoder_dir = {str(root / 'vae')!r}, {str(root / 't5')!r}
+  d.image_size, d.num_validation_examples, d.text_length, d.worker_count = 64, 1, 8, 0
+  d.caption_dropout = 0.5
+  t = c.train
+  t.num_steps, t.batch_size, t.warmup_steps, t.log_every, t.checkpoint_every = 2, 2, 0, 1, 2
+  t.sample_every, t.async_checkpoints = 0, False
+  c.sample.num_steps, c.sample.prompts = 2, 'a red thing;a blue thing'
+  c.mesh.data = 1
+  return c
+''')
+  return root, exp
+
+
+def _png_size(path):
+  with Image.open(path) as im:
+    return im.size
+
+
+@pytest.mark.slow
+def test_prepare_train_sample_with_vae_and_t5(setup):
+  root, exp = setup
+  proc = run_cli('prepare', f'--config={exp}', check=True)
+  encoded = [p for p in (root / 'data' / 'image_text_folder').iterdir() if '_enc_' in p.name]
+  assert len(encoded) == 1, proc.stdout
+  info = json.loads((encoded[0] / '1.0.0' / 'features.json').read_text())
+  text = json.dumps(info)
+  assert 'latent' in text and 'text_states' in text
+  assert (encoded[0] / '1.0.0' / 'null_text.npz').is_file()
+  assert not list((encoded[0] / '1.0.0').glob('tokenizer_*.model'))   # the T5 folder brings its own
+
+  wd = root / 'run'
+  proc = run_cli('train', f'--config={exp}', f'--workdir={wd}', '--noprogress', check=True)
+  assert 'trained to step 2' in proc.stdout
+  preview = sorted((wd / 'samples').glob('step_*.png'))
+  assert preview and _png_size(preview[-1])[0] > 64 * 2   # decoded to 64 px (scaled 2×), two prompts
+
+  out = root / 'sample.png'
+  proc = run_cli('sample', f'--workdir={wd}', '--prompts=a green thing', '--steps=2', f'--out={out}',
+                 check=True)
+  img = np.asarray(Image.open(out))
+  assert img.dtype == np.uint8 and img.shape[0] == 64 * 2 + 4   # one 64 px image (2×) in the grid padding
+
+  # The model config must agree with the frozen encoder: a clear one-line error before anything compiles.
+  bad = run_cli('train', f'--config={exp}', f'--workdir={root / "bad"}', '--config.model.text_states_dim=24')
+  assert bad.returncode != 0 and 'model.text_states_dim=24' in bad.stderr and 'Traceback' not in bad.stderr
+
+
+@pytest.mark.slow
+def test_train_with_text_encoded_per_step(setup):
+  root, exp = setup
+  wd = root / 'run_otf'
+  proc = run_cli('train', f'--config={exp}', f'--workdir={wd}', '--noprogress', '--config.train.num_steps=1',
+                 '--config.train.final_sample=False', '--config.data.precompute_text=False', check=True)
+  assert 'trained to step 1' in proc.stdout
