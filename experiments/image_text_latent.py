@@ -26,7 +26,7 @@ clip (CLIP ViT-L/14 text, 768-d states, 77 tokens). `--config.data.precompute_te
 on the fly per step instead (the encoder stays frozen). The backbone is the paper's XL with 32 experts; for a
 smaller run override e.g. `--config.model.size=B`.
 """
-from ecdit.train.config import base_config
+from ecdit.train.config import apply_paper_recipe, base_config
 
 # variant -> (text states width, tokens per caption)
 VARIANTS = {'t5': (2048, 120), 'clip': (768, 77)}
@@ -63,20 +63,7 @@ def get_config(variant=None):
   d.sample_latents = False          # store posterior means (True: one posterior sample per image)
   d.text_states_dtype = 'float16'   # storage of precomputed text states
 
-  c.diffusion.t_sampling = 'logit_normal'
-  c.diffusion.t_mean, c.diffusion.t_std = 0.0, 1.0
-  c.diffusion.mask_ratio = 0.5
-
-  t = c.train
-  t.num_steps, t.batch_size = 800_000, 4096
-  t.optimizer, t.learning_rate, t.schedule, t.warmup_steps = 'rmsprop', 1e-4, 'constant', 20_000
-  t.rms_decay, t.momentum, t.eps = 0.999, 0.9, 1e-8
-  t.grad_clip, t.ema_decay = 1.0, 0.9999
-  t.log_every, t.checkpoint_every, t.sample_every = 100, 5000, 20_000
-  t.keep_checkpoints = 5
-
-  c.sample.num_steps, c.sample.cfg_scale = 50, 4.5
+  apply_paper_recipe(c)
   c.sample.prompts = ('a photo of a red fox in the snow;a bowl of fruit on a wooden table;'
                       'a lighthouse on a cliff at sunset;two cats sleeping on a sofa')
-  c.mesh.data, c.mesh.fsdp, c.mesh.expert, c.mesh.model = -1, 1, 1, 1
   return c

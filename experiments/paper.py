@@ -13,7 +13,7 @@ eps, grad clipping, EMA) are our choices.
 Variants: xl_32e, xxl_32e, 3xl_32e, m_64e, dense_xl, dense_xxl, dense_3xl, dense_m, gshard_xl_32e,
 xl_8e, xl_16e.
 """
-from ecdit.train.config import base_config
+from ecdit.train.config import apply_paper_recipe, base_config
 
 # variant -> (size preset, routing, experts, depth override)
 VARIANTS = {
@@ -60,18 +60,5 @@ def get_config(variant=None):
   c.data.caption_dropout = 0.1
   c.data.worker_count = 8
 
-  c.diffusion.t_sampling = 'logit_normal'
-  c.diffusion.t_mean, c.diffusion.t_std = 0.0, 1.0
-  c.diffusion.mask_ratio = 0.5
-
-  t = c.train
-  t.num_steps, t.batch_size = 800_000, 4096
-  t.optimizer, t.learning_rate, t.schedule, t.warmup_steps = 'rmsprop', 1e-4, 'constant', 20_000
-  t.rms_decay, t.momentum, t.eps = 0.999, 0.9, 1e-8
-  t.grad_clip, t.ema_decay = 1.0, 0.9999
-  t.log_every, t.checkpoint_every, t.sample_every = 100, 5000, 20_000
-  t.keep_checkpoints = 5
-
-  c.sample.num_steps, c.sample.cfg_scale = 50, 4.5
-  c.mesh.data, c.mesh.fsdp, c.mesh.expert, c.mesh.model = -1, 1, 1, 1
+  apply_paper_recipe(c)
   return c

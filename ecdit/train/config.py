@@ -94,6 +94,25 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def apply_paper_recipe(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The paper's training recipe (shared/research/paper.md §4): rectified flow with logit-normal t, 50% token
+  masking, RMSProp with momentum at lr 1e-4 after 20K warm-up steps, batch 4096 for 800K steps. RMSProp's
+  decay/eps, gradient clipping and EMA are not given by the paper: ours. Experiments call this, then override."""
+  c.diffusion.t_sampling = 'logit_normal'
+  c.diffusion.t_mean, c.diffusion.t_std = 0.0, 1.0
+  c.diffusion.mask_ratio = 0.5
+  t = c.train
+  t.num_steps, t.batch_size = 800_000, 4096
+  t.optimizer, t.learning_rate, t.schedule, t.warmup_steps = 'rmsprop', 1e-4, 'constant', 20_000
+  t.rms_decay, t.momentum, t.eps = 0.999, 0.9, 1e-8
+  t.grad_clip, t.ema_decay = 1.0, 0.9999
+  t.log_every, t.checkpoint_every, t.sample_every = 100, 5000, 20_000
+  t.keep_checkpoints = 5
+  c.sample.num_steps, c.sample.cfg_scale = 50, 4.5
+  c.mesh.data, c.mesh.fsdp, c.mesh.expert, c.mesh.model = -1, 1, 1, 1
+  return c
+
+
 def model_config(cfg) -> ModelConfig:
   """The resolved ModelConfig of an experiment (preset + explicit keys), validated."""
   values = {k: v for k, v in cfg.model.items() if v is not None}
