@@ -20,8 +20,8 @@ All weights are local folders (no network at run time, no conversion step):
 
 `prepare` imports the folder (256 px images + captions), then encodes every image through the VAE and every
 caption through the text encoder once into a new dataset beside the imported one (batched, with a progress
-bar, resumable). `train` reads the latents and text states; `sample` encodes the prompts with the same text
-encoder and decodes the generated latents with the VAE. Variants: t5 (T5 v1.1 XL, 2048-d states, 120 tokens),
+bar, resumable). `train` reads the latents and text states; `sample` and `eval` encode the prompts with the
+same text encoder and decode the generated latents with the VAE (`eval` scores the decoded RGB images). Variants: t5 (T5 v1.1 XL, 2048-d states, 120 tokens),
 clip (CLIP ViT-L/14 text, 768-d states, 77 tokens). `--config.data.precompute_text=False` encodes captions
 on the fly per step instead (the encoder stays frozen). The backbone is the paper's XL with 32 experts; for a
 smaller run override e.g. `--config.model.size=B`.

@@ -76,7 +76,7 @@ def test_export_stablehlo_from_workdir(dense_workdir, tmp_path):
 
 
 def test_upcycle_command(dense_workdir, tmp_path):
-  from ecdit.export import workdir as workdir_lib
+  from ecdit.train import workdir as workdir_lib
   workdir, mcfg, params, _ = dense_workdir
   out = tmp_path / 'moe'
   proc = run_cli('upcycle', f'--workdir={workdir}', f'--out={out}', '--num_experts=3', '--noema', check=True)

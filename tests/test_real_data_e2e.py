@@ -98,6 +98,12 @@ def test_prepare_train_sample_with_vae_and_t5(setup):
   img = np.asarray(Image.open(out))
   assert img.dtype == np.uint8 and img.shape[0] == 64 * 2 + 4   # one 64 px image (2×) in the grid padding
 
+  # `ecdit eval` scores the VAE-decoded RGB images of the latent run.
+  res = root / 'eval.json'
+  run_cli('eval', f'--workdir={wd}', '--num_prompts=2', '--images_per_prompt=1', '--steps=2',
+          '--max_failures=0', f'--out={res}', check=True)
+  assert json.loads(res.read_text())['image_size'] == 64
+
   # The model config must agree with the frozen encoder: a clear one-line error before anything compiles.
   bad = run_cli('train', f'--config={exp}', f'--workdir={root / "bad"}', '--config.model.text_states_dim=24')
   assert bad.returncode != 0 and 'model.text_states_dim=24' in bad.stderr and 'Traceback' not in bad.stderr

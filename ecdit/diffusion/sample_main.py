@@ -8,7 +8,6 @@ pretrained encoder, and with data.vae_dir the sampled latents are decoded to pix
 """
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -30,19 +29,6 @@ def _fail(msg: str):
   sys.exit(2)
 
 
-def load_run_config(workdir: Path):
-  """The run's ConfigDict, rebuilt from config.json (resolved model included, as trained)."""
-  import ml_collections
-  path = workdir / 'config.json'
-  if not path.exists():
-    _fail(f'--workdir={workdir}: no config.json there (is it a training run directory?)')
-  d = json.loads(path.read_text())
-  d.pop('resolved_model', None)
-  if isinstance(d.get('data', {}).get('latent_shape'), list):
-    d['data']['latent_shape'] = tuple(d['data']['latent_shape'])
-  return ml_collections.ConfigDict(d)
-
-
 def main(argv):
   if len(argv) > 1:
     _fail(f'unexpected arguments {argv[1:]}')
@@ -56,39 +42,26 @@ def main(argv):
   from absl import logging
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)
-  cfg = load_run_config(workdir)
-  prompts = [p.strip() for p in (_PROMPTS.value or cfg.sample.prompts).split(';') if p.strip()]
-  if not prompts:
-    _fail('--prompts is empty')
-
-  from ecdit.train import frozen
   from ecdit.diffusion import sampler as sampler_lib
-  from ecdit.train import checkpoint as ckpt_lib
-  from ecdit.train import config as config_lib
-  from ecdit.train import loop
+  from ecdit.train import workdir as workdir_lib
 
   try:
-    mcfg = config_lib.validate(cfg)
-    setup = loop.build(cfg, mcfg)
-  except config_lib.ConfigError as e:
+    cfg = workdir_lib.load_run_config(workdir)
+    prompts = [p.strip() for p in (_PROMPTS.value or cfg.sample.prompts).split(';') if p.strip()]
+    if not prompts:
+      _fail('--prompts is empty')
+    run = workdir_lib.restore(workdir, ema=_EMA.value)
+  except ValueError as e:   # WorkdirError, ConfigError
     _fail(str(e))
-  ck = ckpt_lib.Checkpointer(workdir, keep=cfg.train.keep_checkpoints, use_async=False)
-  restored = ck.restore_latest(setup.abstract_state)
-  ck.close()
-  if restored is None:
-    _fail(f'--workdir={workdir}: no checkpoint in {workdir / "checkpoints"}')
-  state, _, step = restored
-  tokenizer = frozen.prompt_tokenizer(cfg.data)   # ecdit's tokenizer, or the pretrained encoder's states
-  decode = frozen.decoder(cfg.data)               # the VAE's decoder when the model works on latents
+  step, mcfg = run.step, run.model_config
   sampler = sampler_lib.make_sampler(
-      setup.model, image_shape=(mcfg.image_size, mcfg.image_size, mcfg.in_channels),
+      run.model, image_shape=(mcfg.image_size, mcfg.image_size, mcfg.in_channels),
       num_steps=_STEPS.value or cfg.sample.num_steps,
       cfg_scale=cfg.sample.cfg_scale if _CFG_SCALE.value is None else _CFG_SCALE.value,
-      method=_SAMPLER.value or cfg.sample.sampler, clip=decode is None)
+      method=_SAMPLER.value or cfg.sample.sampler, clip=run.decode is None)
   batch = [p for p in prompts for _ in range(_REPEAT.value)]
   seed = cfg.sample.seed if _SEED.value is None else _SEED.value
-  images = sampler_lib.sample_prompts(sampler, state.ema_params if _EMA.value else state.params,
-                                      tokenizer, batch, seed, decode=decode)
+  images = sampler_lib.sample_prompts(sampler, run.params, run.tokenizer, batch, seed, decode=run.decode)
   out = Path(_OUT.value) if _OUT.value else workdir / 'samples' / f'sample_{step:07d}.png'
   scale = max(1, 128 // images.shape[1])
   cols = _REPEAT.value if _REPEAT.value > 1 else None

@@ -23,27 +23,17 @@ depend on what else is in the batch (during guided sampling that includes the un
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
+if TYPE_CHECKING:
+  from ecdit.train.workdir import Restored   # what load_run returns
+
 # ------------------------------------------------------------------------------------------- loading
-
-
-@dataclasses.dataclass
-class Run:
-  """A trained workdir, loaded: its ConfigDict, ModelConfig, model, (unboxed) params, tokenizer, step."""
-  workdir: Path
-  cfg: Any
-  mcfg: Any
-  model: Any
-  params: Any
-  tokenizer: Any
-  step: int
 
 
 def moe_layer_names(mcfg) -> list[str]:
@@ -58,55 +48,22 @@ def check_has_moe(mcfg, where: str = 'model') -> None:
                      'model')
 
 
-def load_run(workdir, *, ema: bool = True) -> Run:
-  """Loads a training workdir the way `ecdit eval` does (config.json, newest checkpoint, the run's tokenizer).
+def load_run(workdir, *, ema: bool = True) -> Restored:
+  """Loads a training workdir the way `ecdit eval` does (ecdit.train.workdir.restore): config.json, newest
+  checkpoint, the run's tokenizer or frozen text encoder (`run.tokenizer`).
 
   Raises ValueError naming the path for a missing workdir / config / checkpoint, and for a run without MoE
   layers or one trained on latents (its samples cannot be rendered or compared with the shapes world).
   """
-  workdir = Path(workdir)
-  if not workdir.is_dir():
-    raise ValueError(f'workdir {workdir} does not exist; `ecdit analyze` needs a trained workdir '
-                     '(run `ecdit train` first)')
-  cfg_path = workdir / 'config.json'
-  if not cfg_path.is_file():
-    raise ValueError(f'{cfg_path} not found: {workdir} is not a training workdir (run `ecdit train` first)')
-  ck_dir = workdir / 'checkpoints'
-  if not ck_dir.is_dir() or not any(p.name.isdigit() for p in ck_dir.iterdir()):
-    raise ValueError(f'no checkpoint in {ck_dir}: train the run first (`ecdit train --workdir={workdir}`)')
+  from ecdit.train import workdir as workdir_lib  # pylint: disable=import-outside-toplevel
 
-  import flax.linen as nn  # pylint: disable=import-outside-toplevel
-  import ml_collections  # pylint: disable=import-outside-toplevel
-
-  from ecdit.data.tokenizer import load_or_train_tokenizer  # pylint: disable=import-outside-toplevel
-  from ecdit.train import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
-  from ecdit.train import config as config_lib  # pylint: disable=import-outside-toplevel
-  from ecdit.train import loop  # pylint: disable=import-outside-toplevel
-
-  d = json.loads(cfg_path.read_text())
-  d.pop('resolved_model', None)
-  if d.get('data', {}).get('latent_shape'):
-    raise ValueError(f'{cfg_path}: the run trains on latents (data.latent_shape); routing analysis needs '
-                     'an RGB model (its maps are drawn over the image and compared with rendered scenes)')
-  cfg = ml_collections.ConfigDict(d)
-  mcfg = config_lib.validate(cfg)
-  check_has_moe(mcfg, f'the model of {workdir}')
-  setup = loop.build(cfg, mcfg)
-  ck = ckpt_lib.Checkpointer(workdir, keep=cfg.train.keep_checkpoints, use_async=False)
-  try:
-    restored = ck.restore_latest(setup.abstract_state)
-  finally:
-    ck.close()
-  if restored is None:
-    raise ValueError(f'no readable checkpoint in {ck_dir}: train the run first')
-  state, _, step = restored
-  params = nn.unbox(state.ema_params if ema else state.params)
-  try:   # a run with a frozen pretrained text encoder conditions on its states, not on ecdit's token ids
-    from ecdit.train import frozen  # pylint: disable=import-outside-toplevel
-    tokenizer = frozen.prompt_tokenizer(cfg.data)
-  except ImportError:
-    tokenizer = load_or_train_tokenizer(cfg.data)
-  return Run(workdir, cfg, mcfg, setup.model, params, tokenizer, int(step))
+  def require(cfg, mcfg):
+    if cfg.data.get('latent_shape'):
+      raise ValueError(f'{Path(workdir) / "config.json"}: the run trains on latents (data.latent_shape); '
+                       'routing analysis needs an RGB model (its maps are drawn over the image and compared '
+                       'with rendered scenes)')
+    check_has_moe(mcfg, f'the model of {workdir}')
+  return workdir_lib.restore(workdir, ema=ema, require=require)
 
 
 # ------------------------------------------------------------------------------------------ collection
@@ -457,7 +414,7 @@ def _write_json(path: Path, obj) -> None:
   tmp.replace(path)
 
 
-def analyze(run: Run, prompts: Sequence[str], out, *, num_steps: int | None = None,
+def analyze(run: Restored, prompts: Sequence[str], out, *, num_steps: int | None = None,
             cfg_scale: float | None = None, method: str | None = None, seed: int = 0, scenes: int = 2,
             min_fg: float = 0.5, textual: bool = True, batch_size: int = 64,
             records: Sequence[dict | None] | None = None, log: Callable[[str], None] = lambda s: None) -> dict:
@@ -481,7 +438,7 @@ def analyze(run: Run, prompts: Sequence[str], out, *, num_steps: int | None = No
     raise ValueError(f'scenes={scenes}; expected an integer >= 0')
   if not 0.0 < min_fg <= 1.0:
     raise ValueError(f'min_fg={min_fg}; expected a fraction in (0, 1]')
-  mcfg, s_cfg = run.mcfg, run.cfg.sample
+  mcfg, s_cfg = run.model_config, run.cfg.sample
   check_has_moe(mcfg)
   num_steps = int(num_steps or s_cfg.num_steps)
   cfg_scale = float(s_cfg.cfg_scale if cfg_scale is None else cfg_scale)

@@ -114,57 +114,32 @@ def ground_truth_generator(records: Sequence[dict], image_size: int = 32) -> Gen
 def model_generator(workdir, *, num_steps: int | None = None, cfg_scale: float | None = None,
                     sampler: str | None = None, ema: bool = True) -> tuple[Generator, dict]:
   """`generate(prompts, seed)` sampling a training workdir's newest checkpoint, and info about it
-  ({'step', 'image_size', 'workdir'}). Settings default to the run's `sample.*` config.
+  ({'step', 'image_size', 'workdir'}). Settings default to the run's `sample.*` config. A run with a frozen
+  text encoder (data.text_encoder_dir) encodes prompts with it; one on latents (data.vae_dir) decodes the
+  samples with its VAE, so scoring always sees RGB pixels.
 
-  Raises ValueError naming the path when the workdir, its config.json or its checkpoints are missing.
+  Raises ValueError (ecdit.train.workdir.WorkdirError) naming the path when the workdir, its config.json or
+  its checkpoints are missing.
   """
-  workdir = Path(workdir)
-  if not workdir.is_dir():
-    raise ValueError(f'workdir {workdir} does not exist; model-based eval needs a trained workdir '
-                     '(or pass --ground_truth to score the shapes world itself)')
-  cfg_path = workdir / 'config.json'
-  if not cfg_path.is_file():
-    raise ValueError(f'{cfg_path} not found: {workdir} is not a training workdir (run `ecdit train` first)')
-  ck_dir = workdir / 'checkpoints'
-  if not ck_dir.is_dir() or not any(p.name.isdigit() for p in ck_dir.iterdir()):
-    raise ValueError(f'no checkpoint in {ck_dir}: train the run first (`ecdit train --workdir={workdir}`)')
-
-  import ml_collections  # pylint: disable=import-outside-toplevel
-
-  from ecdit.data.tokenizer import load_or_train_tokenizer  # pylint: disable=import-outside-toplevel
   from ecdit.diffusion import sampler as sampler_lib  # pylint: disable=import-outside-toplevel
-  from ecdit.train import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
-  from ecdit.train import config as config_lib  # pylint: disable=import-outside-toplevel
-  from ecdit.train import loop  # pylint: disable=import-outside-toplevel
-
-  d = json.loads(cfg_path.read_text())
-  d.pop('resolved_model', None)
-  if d.get('data', {}).get('latent_shape'):
-    raise ValueError(f'{cfg_path}: the run trains on latents (data.latent_shape); scoring needs RGB '
-                     'samples, and decoding latents is not supported by `ecdit eval`')
-  cfg = ml_collections.ConfigDict(d)
-  mcfg = config_lib.validate(cfg)
-  setup = loop.build(cfg, mcfg)
-  ck = ckpt_lib.Checkpointer(workdir, keep=cfg.train.keep_checkpoints, use_async=False)
+  from ecdit.train import workdir as workdir_lib  # pylint: disable=import-outside-toplevel
   try:
-    restored = ck.restore_latest(setup.abstract_state)
-  finally:
-    ck.close()
-  if restored is None:
-    raise ValueError(f'no checkpoint in {ck_dir}: train the run first')
-  state, _, step = restored
-  params = state.ema_params if ema else state.params
-  tokenizer = load_or_train_tokenizer(cfg.data)
-  run = sampler_lib.make_sampler(
-      setup.model, image_shape=(mcfg.image_size, mcfg.image_size, mcfg.in_channels),
-      num_steps=num_steps or cfg.sample.num_steps,
-      cfg_scale=cfg.sample.cfg_scale if cfg_scale is None else cfg_scale,
-      method=sampler or cfg.sample.sampler)
+    run = workdir_lib.restore(workdir, ema=ema)
+  except workdir_lib.WorkdirError as e:
+    raise workdir_lib.WorkdirError(f'{e}; model-based eval needs a trained workdir (or pass --ground_truth '
+                                   'to score the shapes world itself)') from None
+  mcfg, decode = run.model_config, run.decode
+  run_sampler = sampler_lib.make_sampler(
+      run.model, image_shape=(mcfg.image_size, mcfg.image_size, mcfg.in_channels),
+      num_steps=num_steps or run.cfg.sample.num_steps,
+      cfg_scale=run.cfg.sample.cfg_scale if cfg_scale is None else cfg_scale,
+      method=sampler or run.cfg.sample.sampler, clip=decode is None)
 
   def generate(prompts, seed):
-    return sampler_lib.sample_prompts(run, params, tokenizer, list(prompts), int(seed))
+    return sampler_lib.sample_prompts(run_sampler, run.params, run.tokenizer, list(prompts), int(seed),
+                                      decode=decode)
 
-  return generate, {'step': int(step), 'image_size': int(mcfg.image_size), 'workdir': str(workdir)}
+  return generate, {'step': run.step, 'image_size': run.image_size, 'workdir': str(run.workdir)}
 
 
 # -------------------------------------------------------------------------------------------- scoring

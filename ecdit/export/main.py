@@ -37,10 +37,10 @@ def main(argv):
   if not _OUT.value:
     _fail('--out is required')
   from ecdit.export import weights
-  from ecdit.export import workdir as workdir_lib
+  from ecdit.train import workdir as workdir_lib
   try:
     run = workdir_lib.restore(_WORKDIR.value, ema=_EMA.value)
-  except (workdir_lib.WorkdirError, ValueError) as e:
+  except ValueError as e:   # WorkdirError, ConfigError
     _fail(str(e).splitlines()[0])
   source = {'workdir': str(Path(_WORKDIR.value).resolve()), 'step': run.step, 'ema': bool(_EMA.value)}
   out = Path(_OUT.value)

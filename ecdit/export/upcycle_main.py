@@ -43,14 +43,14 @@ def main(argv):
   import jax
 
   from ecdit.export import upcycle
-  from ecdit.export import workdir as workdir_lib
+  from ecdit.train import workdir as workdir_lib
   from ecdit.train import checkpoint as ckpt_lib
   from ecdit.train import config as config_lib
   from ecdit.train import loop
 
   try:
     run = workdir_lib.restore(_WORKDIR.value, ema=_EMA.value)
-  except (workdir_lib.WorkdirError, ValueError) as e:
+  except ValueError as e:   # WorkdirError, ConfigError
     _fail(str(e).splitlines()[0])
   overrides = {'routing': _ROUTING.value, 'num_experts': _EXPERTS.value}
   if _MOE_EVERY.value is not None:

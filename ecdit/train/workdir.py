@@ -1,0 +1,124 @@
+"""Reading a training workdir (`ecdit train` output): resolved config, newest checkpoint, tokenizer, VAE.
+
+  run = restore('runs/shapes_tiny', ema=True)     # cfg, model_config, model, params, step, data_state
+  images = sampler_lib.sample_prompts(sampler, run.params, run.tokenizer, prompts, seed, decode=run.decode)
+
+`<workdir>/config.json` is the resolved experiment config; `<workdir>/checkpoints/` the Orbax checkpoints
+(ecdit.train.checkpoint). The restore target is built from that config with `loop.build`. One loader for
+`ecdit sample`, `eval`, `analyze`, `export` and `upcycle`; every problem with the workdir itself is a
+one-line WorkdirError naming the path.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+from ecdit.models.config import ModelConfig
+
+
+class WorkdirError(ValueError):
+  """The workdir, its config.json or its checkpoints are missing or unreadable."""
+
+
+@dataclasses.dataclass
+class Restored:
+  workdir: Path
+  cfg: Any                 # ml_collections.ConfigDict of the run
+  model_config: ModelConfig
+  model: Any               # the run's flax module (loop.build)
+  params: Any              # unboxed Flax params (EMA ones if asked)
+  step: int
+  data_state: Any
+  tokenizer_path: Path | None   # the run's sentencepiece file, if it has one
+
+  @functools.cached_property
+  def tokenizer(self):
+    """What prompts are encoded with: ecdit's tokenizer, or the run's frozen pretrained text encoder."""
+    from ecdit.train import frozen   # pylint: disable=import-outside-toplevel
+    return frozen.prompt_tokenizer(self.cfg.data)
+
+  @functools.cached_property
+  def decode(self) -> Callable[[Any], Any] | None:
+    """latents → pixels in about [-1, 1] through the run's VAE (data.vae_dir); None for a pixel model."""
+    from ecdit.train import frozen   # pylint: disable=import-outside-toplevel
+    return frozen.decoder(self.cfg.data)
+
+  @property
+  def image_size(self) -> int:
+    """Side of the generated images in pixels (after the VAE decodes latents)."""
+    from ecdit.train import frozen   # pylint: disable=import-outside-toplevel
+    return int(self.cfg.data.image_size if frozen.uses_vae(self.cfg.data) else self.model_config.image_size)
+
+
+def _train_hint(workdir) -> str:
+  return f'train a run first: `ecdit train --config=... --workdir={workdir}`'
+
+
+def load_run_config(workdir: str | Path):
+  """The run's ConfigDict from `<workdir>/config.json` (resolved model included, as trained)."""
+  import ml_collections   # pylint: disable=import-outside-toplevel
+  workdir = Path(workdir)
+  if not workdir.is_dir():
+    raise WorkdirError(f'--workdir={workdir} does not exist, so no config.json there ({_train_hint(workdir)})')
+  path = workdir / 'config.json'
+  if not path.is_file():
+    raise WorkdirError(f'--workdir={workdir}: no config.json there (is it a training run directory? '
+                       f'{_train_hint(workdir)})')
+  try:
+    d = json.loads(path.read_text())
+  except (OSError, ValueError) as e:
+    raise WorkdirError(f'{path} is unreadable: {e}') from None
+  d.pop('resolved_model', None)
+  if isinstance(d.get('data', {}).get('latent_shape'), list):
+    d['data']['latent_shape'] = tuple(d['data']['latent_shape'])
+  return ml_collections.ConfigDict(d)
+
+
+def tokenizer_path(cfg) -> Path | None:
+  """The run's sentencepiece model file if it exists (data.tokenizer_path, else the one beside the dataset);
+  never trains or prepares anything."""
+  from ecdit.data import config as data_config   # pylint: disable=import-outside-toplevel
+  from ecdit.data import prepare, tokenizer   # pylint: disable=import-outside-toplevel
+  try:
+    explicit = data_config.option(cfg.data, 'tokenizer_path')
+    path = Path(explicit) if explicit else tokenizer.tokenizer_file(prepare.dataset_dir(cfg.data),
+                                                                     cfg.data.vocab_size)
+  except (ValueError, KeyError, AttributeError):
+    return None
+  return path if path.is_file() else None
+
+
+def restore(workdir: str | Path, *, ema: bool = False,
+            require: Callable[[Any, ModelConfig], None] | None = None) -> Restored:
+  """The newest readable checkpoint of a workdir (params, or EMA params with `ema`).
+
+  `require(cfg, model_config)` may raise ValueError to refuse the run before any checkpoint is read.
+  Raises WorkdirError for a missing workdir / config.json / checkpoint, ConfigError for an invalid config.
+  """
+  import flax.linen as nn   # pylint: disable=import-outside-toplevel
+
+  from ecdit.train import checkpoint as ckpt_lib   # pylint: disable=import-outside-toplevel
+  from ecdit.train import config as config_lib   # pylint: disable=import-outside-toplevel
+  from ecdit.train import loop   # pylint: disable=import-outside-toplevel
+  workdir = Path(workdir)
+  cfg = load_run_config(workdir)
+  ck_dir = workdir / 'checkpoints'
+  if not ck_dir.is_dir() or not any(p.name.isdigit() for p in ck_dir.iterdir()):
+    raise WorkdirError(f'--workdir={workdir}: no checkpoint in {ck_dir} ({_train_hint(workdir)})')
+  mcfg = config_lib.validate(cfg)
+  if require is not None:
+    require(cfg, mcfg)
+  setup = loop.build(cfg, mcfg)
+  ck = ckpt_lib.Checkpointer(workdir, keep=cfg.train.keep_checkpoints, use_async=False)
+  try:
+    restored = ck.restore_latest(setup.abstract_state)
+  finally:
+    ck.close()
+  if restored is None:
+    raise WorkdirError(f'--workdir={workdir}: no readable checkpoint in {ck_dir}')
+  state, data_state, step = restored
+  params = nn.unbox(state.ema_params if ema else state.params)
+  return Restored(workdir, cfg, mcfg, setup.model, params, int(step), data_state, tokenizer_path(cfg))
