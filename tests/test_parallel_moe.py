@@ -1,7 +1,8 @@
 """Expert-parallel MoE (ecdit.parallel.moe_parallel): the same parameters and batch give the same outputs, MoE
 statistics, loss and gradients on one device and on 8 simulated devices in several (data, fsdp, expert, model)
 meshes — for the MoE layer alone and for the whole model under `jax.jit` with the rules' shardings — plus a
-guard on the compiled HLO (all-to-all count, no all-gather of routing-group activations or router probabilities).
+guard on the compiled HLO (all-to-all count, no all-gather of routing-group activations or router probabilities,
+bounded collective counts on the (1, 2, 2, 2) mesh).
 """
 from __future__ import annotations
 
@@ -210,3 +211,21 @@ def test_hlo_guard(case):
       # axis would show that axis; only (FSDP/expert-sharded) parameters may be gathered.
       assert TOKENS not in shape, line
       assert shape in param_shapes, line
+
+
+# Collectives of the loss+grad on the (data, fsdp, expert, model) = (1, 2, 2, 2) mesh. With every activation
+# pinned to its layout (text states, timestep embedding, q/k/v and attention outputs, adaLN outputs), what
+# remains is the MoE all-to-alls, FSDP weight gathers, tensor-parallel reductions and a few weight moves.
+# Before those constraints: 21 all-to-alls, 112 all-gathers, 43 all-reduces and 42 collective-permutes, from
+# XLA resharding the text states at every cross-attention ("involuntary full rematerialization").
+FULL_MESH_BOUNDS = {'all-gather': 88, 'all-reduce': 28, 'collective-permute': 10, 'reduce-scatter': 0}
+
+
+@pytest.mark.parametrize('case', ['ec-gather-image', 'tc'])
+def test_hlo_guard_fsdp_expert_model_mesh(case):
+  compiled, _, _ = compiled_model_step(case, (1, 2, 2, 2))
+  counts = {k: len(v) for k, v in collectives(compiled.as_text()).items()}
+  moe_layers = sum(MODEL.is_sparse_block(i) for i in range(MODEL.depth))
+  assert counts['all-to-all'] == 4 * moe_layers, counts
+  for kind, bound in FULL_MESH_BOUNDS.items():
+    assert counts[kind] <= bound, (kind, counts)

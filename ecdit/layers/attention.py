@@ -75,9 +75,15 @@ class Attention(nn.Module):
     b, lq, _ = x.shape
     lk = ctx.shape[1]
     h, kv, hd = self.num_heads, self.num_kv_heads, self.head_dim
-    q = self._dense(h * hd, ('embed', 'heads'), 'query')(x).reshape(b, lq, h, hd)
-    k = self._dense(kv * hd, (ctx_axis, 'kv'), 'key')(ctx).reshape(b, lk, kv, hd)
-    v = self._dense(kv * hd, (ctx_axis, 'kv'), 'value')(ctx).reshape(b, lk, kv, hd)
+    # Projections: batch over data·fsdp·expert, heads over 'model' (the layout of their weights' outputs).
+    # Constrained flat (`[B, L, heads·hd]`), which the mesh always divides (its weights are checked).
+    q = nn.with_logical_constraint(self._dense(h * hd, ('embed', 'heads'), 'query')(x),
+                                   ('batch', 'length', 'heads')).reshape(b, lq, h, hd)
+    k = nn.with_logical_constraint(self._dense(kv * hd, (ctx_axis, 'kv'), 'key')(ctx),
+                                   ('batch', 'length', 'kv')).reshape(b, lk, kv, hd)
+    v = nn.with_logical_constraint(self._dense(kv * hd, (ctx_axis, 'kv'), 'value')(ctx),
+                                   ('batch', 'length', 'kv')).reshape(b, lk, kv, hd)
     out = dot_product_attention(q, k, v, key_mask).reshape(b, lq, h * hd)
+    out = nn.with_logical_constraint(out, ('batch', 'length', 'heads'))
     out_init = _zeros if self.zero_init_out else _kernel_init
     return self._dense(self.out_features, ('heads', 'embed'), 'out', out_init)(out)

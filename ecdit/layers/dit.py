@@ -102,9 +102,9 @@ class TimestepEmbedder(nn.Module):
 
   @nn.compact
   def __call__(self, t: jax.Array) -> jax.Array:
-    h = timestep_embedding(t).astype(self.dtype)
+    h = nn.with_logical_constraint(timestep_embedding(t).astype(self.dtype), ('batch', 'patch'))
     h = _dense(self.width, ('patch', 'embed'), 'fc1', self.dtype, self.param_dtype)(h)
-    h = nn.silu(h)
+    h = nn.with_logical_constraint(nn.silu(h), ('batch', 'embed'))
     return _dense(self.width, ('embed', 'embed'), 'fc2', self.dtype, self.param_dtype)(h)
 
 
@@ -139,6 +139,9 @@ class AdaLNModulation(nn.Module):
   def __call__(self, c: jax.Array) -> list[jax.Array]:
     out = _dense(self.chunks * self.width, ('embed', 'cond'), 'proj', self.dtype, self.param_dtype,
                  kernel_init=_zeros)(nn.silu(c))
+    # Gathered whole over 'model' once, before the split: the weight's 'cond' split would otherwise put
+    # whole chunks on one 'model' device, and each chunk would be moved separately.
+    out = nn.with_logical_constraint(out, ('batch', None))
     return jnp.split(out, self.chunks, axis=-1)
 
 

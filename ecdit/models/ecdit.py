@@ -81,8 +81,12 @@ class ECDiT(nn.Module):
     if keep_idx is not None:
       tokens = jnp.take_along_axis(tokens, keep_idx.astype(jnp.int32)[:, :, None], axis=1)
     tokens = nn.with_logical_constraint(tokens, ('batch', 'length', 'embed'))
-    c = self.t_embed(t)
-    ctx = self.text_proj(self.text_encoder(text, text_mask))
+    # Activations pinned to the batch layout (batch over data·fsdp·expert, features whole): without these,
+    # XLA's propagation lets the FSDP split of the weights leak into the text states and the timestep
+    # embedding, and reshards them at every cross-attention / adaLN (full rematerialisations).
+    c = nn.with_logical_constraint(self.t_embed(t), ('batch', 'embed'))
+    states = nn.with_logical_constraint(self.text_encoder(text, text_mask), ('batch', 'length', 'text_embed'))
+    ctx = nn.with_logical_constraint(self.text_proj(states), ('batch', 'length', 'embed'))
     for block in self.blocks:
       tokens = block(tokens, c, ctx, text_mask, train=train)
     out = self.final(tokens, c)

@@ -31,6 +31,19 @@ def text_states_dim(cfg: ModelConfig) -> int:
   return cfg.text_width if cfg.text_encoder == 'transformer' else cfg.text_states_dim
 
 
+class _Embed(nn.Embed):
+  """`nn.Embed` (same parameters, same lookup) that gathers its table whole before the lookup: a lookup
+  into a table split along its width ('text_embed' over 'fsdp') would come out split along the width, and
+  resharding that to the batch layout is a full rematerialisation."""
+
+  def __call__(self, inputs: jax.Array) -> jax.Array:
+    if not jnp.issubdtype(inputs.dtype, jnp.integer):
+      raise ValueError('Input type must be an integer or unsigned integer.')
+    (embedding,) = self.promote_dtype(self.embedding, dtype=self.dtype, inexact=False)
+    embedding = nn.with_logical_constraint(embedding, ('vocab', None))
+    return jnp.take(embedding, inputs, axis=0)
+
+
 class TextBlock(nn.Module):
   cfg: ModelConfig
 
@@ -67,15 +80,16 @@ class TextEncoder(nn.Module):
       return text.astype(jnp.dtype(cfg.dtype))
     dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     length = text.shape[1]
-    tok = nn.Embed(cfg.vocab_size, cfg.text_width, dtype=dtype, param_dtype=pdtype, name='token_embed',
-                   embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02),
-                                                               ('vocab', 'text_embed')))
+    tok = _Embed(cfg.vocab_size, cfg.text_width, dtype=dtype, param_dtype=pdtype, name='token_embed',
+                 embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02),
+                                                             ('vocab', 'text_embed')))
     pos = self.param('pos_embed', nn.with_logical_partitioning(nn.initializers.normal(0.01),
                                                                (None, 'text_embed')),
                      (cfg.text_length, cfg.text_width), pdtype)
-    x = tok(text) + pos[None, :length].astype(dtype)
+    act = ('batch', 'length', 'text_embed')   # batch over data·fsdp·expert, width whole
+    x = nn.with_logical_constraint(tok(text) + pos[None, :length].astype(dtype), act)
     for i in range(cfg.text_depth):
-      x = TextBlock(cfg, name=f'block_{i}')(x, mask)
+      x = nn.with_logical_constraint(TextBlock(cfg, name=f'block_{i}')(x, mask), act)
     return nn.LayerNorm(epsilon=1e-5, dtype=dtype, param_dtype=pdtype, name='final_norm',
                         scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ('text_embed',)),
                         bias_init=nn.with_logical_partitioning(_zeros, ('text_embed',)))(x)
