@@ -21,6 +21,12 @@ COMMANDS = {
 }
 
 
+def fail(msg: str, code: int = 2):
+  """Ends a command with one clear error line (no traceback): the commands' shared way to refuse input."""
+  print(f'ecdit: error: {msg}', file=sys.stderr, flush=True)
+  sys.exit(code)
+
+
 def usage() -> str:
   lines = ['usage: ecdit <command> [--flags]   (ecdit <command> --help for its flags)', '', 'commands:']
   lines += [f'  {name:<9} {help_}' for name, (_, help_) in COMMANDS.items()]

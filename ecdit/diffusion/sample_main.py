@@ -8,10 +8,11 @@ pretrained encoder, and with data.vae_dir the sampled latents are decoded to pix
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from absl import app, flags
+
+from ecdit import cli
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'training run directory (holds config.json and checkpoints/)')
 _PROMPTS = flags.DEFINE_string('prompts', None, "';'-separated prompts (default: the config's sample.prompts)")
@@ -24,9 +25,7 @@ _EMA = flags.DEFINE_bool('ema', True, 'use the EMA weights')
 _REPEAT = flags.DEFINE_integer('repeat', 1, 'images per prompt (one row per prompt)')
 
 
-def _fail(msg: str):
-  print(f'ecdit: error: {msg}', file=sys.stderr, flush=True)
-  sys.exit(2)
+_fail = cli.fail
 
 
 def main(argv):

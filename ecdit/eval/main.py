@@ -10,11 +10,12 @@ of failed images next to it, and a table to the screen.
 """
 from __future__ import annotations
 
-import sys
 import tempfile
 from pathlib import Path
 
 from absl import app, flags
+
+from ecdit import cli
 
 _PROMPTS = flags.DEFINE_string('prompts', None, 'GenEval metadata JSONL (default: the shapes eval prompts)')
 _OUT = flags.DEFINE_string('out', None, 'results JSON (default <workdir or .>/eval/<step_N|ground_truth>.json)')
@@ -33,9 +34,7 @@ _EMA = flags.DEFINE_bool('ema', True, 'use the EMA weights')
 _MAX_FAILURES = flags.DEFINE_integer('max_failures', 48, 'failed images in the PNG grid (0: no grid)')
 
 
-def _fail(msg: str):
-  print(f'ecdit: error: {msg}', file=sys.stderr, flush=True)
-  sys.exit(2)
+_fail = cli.fail
 
 
 def _positive(flag):

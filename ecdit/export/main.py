@@ -10,10 +10,11 @@ load with `ecdit.export.load_stablehlo(dir)`.
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from absl import app, flags
+
+from ecdit import cli
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'training run directory (config.json + checkpoints/)')
 _OUT = flags.DEFINE_string('out', None, 'output directory')
@@ -24,9 +25,7 @@ _CFG_SCALE = flags.DEFINE_float('cfg_scale', None, 'stablehlo sampler: guidance 
 _PLATFORMS = flags.DEFINE_list('platforms', ['cpu', 'cuda'], 'stablehlo: platforms to lower for')
 
 
-def _fail(msg: str):
-  print(f'ecdit: error: {msg}', file=sys.stderr, flush=True)
-  sys.exit(2)
+_fail = cli.fail
 
 
 def main(argv):

@@ -10,10 +10,11 @@ the same experiment config plus the printed `--config.model.*` overrides and `--
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from absl import app, flags
+
+from ecdit import cli
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'the dense training run directory')
 _OUT = flags.DEFINE_string('out', None, 'the new workdir (must not hold checkpoints yet)')
@@ -25,9 +26,7 @@ _SEED = flags.DEFINE_integer('seed', 0, 'router initialisation seed')
 _EMA = flags.DEFINE_bool('ema', True, 'upcycle the dense run\'s EMA weights (else its raw parameters)')
 
 
-def _fail(msg: str):
-  print(f'ecdit: error: {msg}', file=sys.stderr, flush=True)
-  sys.exit(2)
+_fail = cli.fail
 
 
 def main(argv):

@@ -229,7 +229,7 @@ def validate(cfg) -> ModelConfig:
   pairs = [('text_length', cfg.data.text_length, 'data.text_length')]
   if not text_dir:
     pairs.append(('vocab_size', cfg.data.vocab_size, 'data.vocab_size'))
-  if vae_dir:
+  if vae_dir:   # the VAE's own config decides the latent shape: frozen.check compares against it
     pass
   elif latent:
     pairs += [('image_size', latent[0], 'data.latent_shape[0]'), ('in_channels', latent[-1], 'data.latent_shape[-1]')]

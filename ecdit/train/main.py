@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 
 from absl import app, flags
+
+from ecdit import cli
 from ml_collections import config_dict, config_flags
 
 DEFAULT_CONFIG = str(Path(__file__).resolve().parents[2] / 'experiments' / 'shapes_tiny.py')
@@ -31,9 +33,7 @@ def condense(msg: str) -> str:
   return ' '.join(lines)
 
 
-def _fail(msg: str, code: int = 2):
-  print(f'ecdit: error: {msg}', file=sys.stderr, flush=True)
-  sys.exit(code)
+_fail = cli.fail
 
 
 def _unknown_key_message(e: BaseException, argv) -> str:
