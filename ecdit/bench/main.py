@@ -1,6 +1,8 @@
 """`ecdit bench <name> [--flags]`: run one benchmark and print its table.
 
 Benchmarks: routing (gather vs one-hot MoE dispatch), mesh (train step on 1 vs 8 simulated devices),
+suite (`--suite=quick|full --json=FILE`: peak matmul GFLOP/s, MFU, EC vs dense, E=64 vs 8, gather vs one-hot,
+token vs expert choice, in one process; see ecdit/bench/suite.py),
 data (dataset generation and input pipeline throughput; its own flags follow `--`, e.g. `ecdit bench data -- --num_examples=5000`). `--quick` shrinks the work to fit a few minutes on a
 small CPU machine. Numbers are only comparable within one run (ratios); the machine may be shared and noisy.
 """
@@ -14,6 +16,8 @@ _TOKENS = flags.DEFINE_integer('tokens', None, 'tokens per step (default 16384, 
 _REPS = flags.DEFINE_integer('reps', None, 'timed repetitions per case (default 5)')
 _WARMUP = flags.DEFINE_integer('warmup', 1, 'untimed runs per case after compiling')
 _EXPERTS = flags.DEFINE_list('experts', ['8', '64'], 'expert counts E to measure')
+_SUITE = flags.DEFINE_enum('suite', 'quick', ['quick', 'full'], 'suite: which sizes (quick fits a few minutes)')
+_JSON = flags.DEFINE_string('json', None, 'suite: write the results to this JSON file')
 _GROUPS = flags.DEFINE_list('group_sizes', ['256', '1024', '4096'],
                             'routing-group sizes S (multiples of 256 dividing --tokens)')
 
@@ -46,7 +50,14 @@ def _mesh(extra_args):
   mesh.run(reps=_REPS.value or 5)
 
 
-BENCHMARKS = {'routing': _routing, 'data': _data, 'mesh': _mesh}
+def _suite(extra_args):
+  from ecdit.bench import suite  # pylint: disable=import-outside-toplevel
+  if extra_args:
+    raise app.UsageError(f'unexpected arguments {extra_args} for the suite benchmark')
+  suite.run(_SUITE.value, _JSON.value, reps=_REPS.value)
+
+
+BENCHMARKS = {'routing': _routing, 'data': _data, 'mesh': _mesh, 'suite': _suite}
 
 
 def main(argv):

@@ -1,0 +1,261 @@
+"""`ecdit bench suite --suite=quick|full [--json=FILE]`: where the time goes, in one process, in one run.
+
+Every figure is a median over `reps` timed runs after `warmup` untimed runs of an already compiled function
+(compile excluded); functions that are compared take turns within each rep (`routing._time_interleaved`), so
+load from other processes hits both sides alike and their ratio stays meaningful on a shared machine.
+
+Train steps are the real one: `ecdit.train.step.make_train_step` (flow loss, value_and_grad, AdamW with
+global-norm clipping, EMA, the NaN guard), jitted on one device with the state donated — what
+`jit_train_step` compiles on a 1-device mesh, without the sharding annotations. Inference is one forward
+`model.apply(..., train=False)`. Inputs are random; text is precomputed states (`text_encoder='precomputed'`,
+32 × 256, as from a frozen encoder), so the backbone is what is measured.
+
+Keys (see docs/performance.md):
+  peak_gflops           jitted float32 2048×2048 @ 2048×2048 matmul, 2·2048³ FLOPs / median time.
+  achieved_gflops, mfu  bench config (EC, E=8, f_c=2): ecdit.bench.flops.train_step_flops / step time,
+                        and that / peak_gflops.
+  ec_over_dense_train/_infer, ec_overhead_theory
+                        EC f_c=1 (per image) over dense of the same width/depth; theory = forward FLOPs ratio.
+  e64_over_e8           EC f_c=2 train step, 64 experts over 8.
+  gather_over_onehot    {S: {time, memory}} for the MoE FFN alone at group sizes S (ecdit.bench.routing).
+  tc_over_ec            token choice top-2 (capacity factor 1, so C = 2·S/E) over EC f_c=2 (C = 2·S/E):
+                        equal activated expert compute.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import statistics
+import time
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from ecdit.bench import flops as flops_lib
+from ecdit.bench import routing as routing_bench
+from ecdit.bench.routing import _time_interleaved
+from ecdit.models.config import ModelConfig
+
+BENCH_MODEL = dict(image_size=32, in_channels=4, patch_size=2, width=384, depth=12, num_heads=6, mlp_ratio=4,
+                   routing='expert_choice', num_experts=8, capacity_factor=2.0, routing_scope='image',
+                   moe_backend='gather', text_encoder='precomputed', text_length=32, text_states_dim=256,
+                   dtype='float32', param_dtype='float32')
+
+SUITES = {
+    # batch, reps, warmup, routing tokens, matmul size
+    'full': dict(batch=8, reps=5, warmup=1, routing_tokens=16384, peak_n=2048),
+    'quick': dict(batch=2, reps=3, warmup=1, routing_tokens=4096, peak_n=2048),
+}
+
+
+def bench_config(**overrides) -> ModelConfig:
+  return ModelConfig(**{**BENCH_MODEL, **overrides}).validate()
+
+
+# ---- the compiled functions -----------------------------------------------------------------------------
+
+def _train_cfg(batch: int):
+  from ecdit.train.config import base_config
+  c = base_config()
+  c.train.batch_size = batch
+  c.diffusion.mask_ratio = 0.0
+  return c
+
+
+@dataclasses.dataclass
+class Case:
+  name: str
+  cfg: ModelConfig
+  train: Callable[[], jax.Array]     # one train step (state carried inside), returns the loss
+  infer: Callable[[], jax.Array]     # one forward pass
+  compile_s: float
+  xla_flops: float                   # XLA's cost_analysis of the compiled train step (reference only)
+
+
+def _batch(cfg: ModelConfig, batch: int) -> dict:
+  r = np.random.RandomState(0)
+  L = cfg.text_length
+  return dict(image=jnp.asarray(r.normal(size=(batch, cfg.image_size, cfg.image_size, cfg.in_channels)),
+                                jnp.float32),
+              text_states=jnp.asarray(r.normal(size=(batch, L, cfg.text_states_dim)), jnp.float32),
+              text_mask=jnp.asarray(np.arange(L)[None, :] < r.randint(L // 2, L + 1, (batch, 1))))
+
+
+def build_case(name: str, cfg: ModelConfig, batch: int, with_infer: bool = True) -> Case:
+  """Compiles the train step and the forward of `cfg` for `batch` images."""
+  from ecdit.models.ecdit import build_model, init_params
+  from ecdit.train import optim
+  from ecdit.train import state as state_lib
+  from ecdit.train.step import make_train_step
+  tcfg = _train_cfg(batch)
+  model = build_model(cfg)
+  tx, lr = optim.make_optimizer(tcfg.train), optim.schedule(tcfg.train)
+  params = nn.unbox(jax.jit(lambda k: init_params(model, k))(jax.random.key(0)))
+  state = state_lib.create(params, tx, seed=0)
+  data = _batch(cfg, batch)
+  t0 = time.perf_counter()
+  step = jax.jit(make_train_step(model, tx, lr, tcfg, cfg.patch_size), donate_argnums=(0,))
+  compiled = step.lower(state, data).compile()
+  t = jnp.full((batch,), 0.5, jnp.float32)
+  fwd = jax.jit(lambda p, x, tt, s, m: model.apply({'params': p}, x, tt, s, m, train=False))
+  fwd_c = fwd.lower(params, data['image'], t, data['text_states'], data['text_mask']).compile() if with_infer else None
+  compile_s = time.perf_counter() - t0
+  try:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    xla_flops = float(cost.get('flops', float('nan')))
+  except Exception:  # pylint: disable=broad-except  (cost analysis is optional and backend-dependent)
+    xla_flops = float('nan')
+  holder = {'state': state}
+  infer_params = jax.tree.map(jnp.copy, params) if with_infer else None
+
+  def train_fn():
+    holder['state'], metrics = compiled(holder['state'], data)
+    return metrics['loss']
+
+  def infer_fn():
+    return fwd_c(infer_params, data['image'], t, data['text_states'], data['text_mask'])
+  return Case(name, cfg, train_fn, infer_fn, compile_s, xla_flops)
+
+
+# ---- the measurements -----------------------------------------------------------------------------------
+
+def peak_gflops(n: int = 2048, warmup: int = 2, reps: int = 5) -> float:
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+  b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+  mm = jax.jit(jnp.matmul).lower(a, b).compile()
+  ms = _time_interleaved({'mm': mm}, (a, b), warmup, reps)['mm']
+  return 2 * n ** 3 / (ms * 1e-3) / 1e9
+
+
+def time_cases(cases: list[Case], warmup: int, reps: int, mode: str = 'train') -> dict[str, float]:
+  """Median ms per call, the cases taking turns within each rep."""
+  fns = {c.name: getattr(c, mode) for c in cases}
+  return _time_interleaved(fns, (), warmup, reps)
+
+
+def run(suite: str = 'quick', json_path: str | None = None, *, batch: int | None = None, reps: int | None = None,
+        warmup: int | None = None, routing_tokens: int | None = None, group_sizes=(256, 1024, 4096),
+        peak_n: int | None = None, model_overrides: dict | None = None, log=print) -> dict:
+  """Runs the whole suite; prints a table through `log`, writes `json_path` if given, returns the dict."""
+  if suite not in SUITES:
+    raise ValueError(f'--suite={suite!r} is invalid: expected one of {sorted(SUITES)}')
+  s = dict(SUITES[suite])
+  for k, v in dict(batch=batch, reps=reps, warmup=warmup, routing_tokens=routing_tokens, peak_n=peak_n).items():
+    if v is not None:
+      s[k] = v
+  over = dict(model_overrides or {})
+  B, reps, warmup = s['batch'], s['reps'], s['warmup']
+  t_start = time.perf_counter()
+  log(f'bench suite --suite={suite}: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax '
+      f'{jax.__version__}, {os.cpu_count()} CPU cores; batch {B}, median of {reps} after {warmup} warm-up'
+      + (' (quick: smaller batch and routing token count, fewer reps than full: batch 8, 5 reps, 16384 tokens)'
+         if suite == 'quick' else ''))
+
+  peak = peak_gflops(s['peak_n'], warmup=max(2, warmup), reps=max(5, reps))
+  log(f'  peak: {peak:.1f} GFLOP/s ({s["peak_n"]}² f32 matmul)')
+
+  cfgs = {
+      'ec_fc2_e8': bench_config(**over),
+      'dense': bench_config(**{**over, 'routing': 'dense'}),
+      'ec_fc1_e8': bench_config(**{**over, 'capacity_factor': 1.0}),
+      'ec_fc2_e64': bench_config(**{**over, 'num_experts': 64}),
+      'tc_top2': bench_config(**{**over, 'routing': 'token_choice', 'top_k': 2, 'capacity_factor': 1.0}),
+  }
+  # Cases are built, timed and freed in small groups: the E=64 state alone (params, Adam moments, EMA) is
+  # several GB, and all five at once do not fit a small machine.
+  train_ms, infer_ms, compile_s, xla_flops = {}, {}, {}, {}
+
+  def measure_group(names, infer=False):
+    cases = []
+    for name in names:
+      cases.append(build_case(name, cfgs[name], B, with_infer=infer))
+      compile_s[name], xla_flops[name] = cases[-1].compile_s, cases[-1].xla_flops
+      log(f'  compiled {name}: {cases[-1].compile_s:.1f} s')
+    ms = time_cases(cases, warmup, reps, 'train')
+    log('  train ms: ' + ', '.join(f'{k} {v:.1f}' for k, v in ms.items()))
+    if infer:
+      ims = time_cases(cases, warmup, reps, 'infer')
+      log('  infer ms: ' + ', '.join(f'{k} {v:.1f}' for k, v in ims.items()))
+      infer_ms.update(ims)
+    return ms
+
+  pair = measure_group(['ec_fc1_e8', 'dense'], infer=True)
+  train_ms.update(pair)
+  pair = measure_group(['ec_fc2_e8', 'ec_fc2_e64'])
+  train_ms.update(pair)
+  pair_tc = measure_group(['ec_fc2_e8', 'tc_top2'])
+  train_ms['tc_top2'] = pair_tc['tc_top2']
+  train_ms['ec_fc2_e8_beside_tc'] = pair_tc['ec_fc2_e8']
+  tc_over_ec = pair_tc['tc_top2'] / pair_tc['ec_fc2_e8']
+
+  model_flops = {k: flops_lib.train_step_flops(c, B) for k, c in cfgs.items()}
+  main = 'ec_fc2_e8'
+  achieved = model_flops[main] / (train_ms[main] * 1e-3) / 1e9
+  theory = flops_lib.forward_flops(cfgs['ec_fc1_e8'], B) / flops_lib.forward_flops(cfgs['dense'], B)
+
+  rows = []
+  width = over.get('width', BENCH_MODEL['width'])
+  for g in group_sizes:
+    if s['routing_tokens'] % g:
+      continue
+    r = routing_bench.measure(over.get('num_experts', 8), g, s['routing_tokens'], width, warmup, reps)
+    rows.append(r)
+    log(f'  routing S={g}: gather {r.ms["gather"]:.1f} ms, onehot {r.ms["onehot"]:.1f} ms')
+  gather_over_onehot = {str(r.group): dict(time=r.ms['gather'] / r.ms['onehot'],
+                                           memory=r.temp_mib['gather'] / r.temp_mib['onehot']) for r in rows}
+
+  result = dict(
+      suite=suite, device=jax.devices()[0].device_kind, backend=jax.default_backend(), jax=jax.__version__,
+      cpu_count=os.cpu_count(), batch=B, reps=reps, warmup=warmup,
+      model=dict(cfgs[main].to_dict()),
+      peak_gflops=peak,
+      mfu=achieved / peak,
+      achieved_gflops=achieved,
+      ec_over_dense_train=train_ms['ec_fc1_e8'] / train_ms['dense'],
+      ec_over_dense_infer=infer_ms['ec_fc1_e8'] / infer_ms['dense'],
+      ec_overhead_theory=theory,
+      e64_over_e8=train_ms['ec_fc2_e64'] / train_ms['ec_fc2_e8'],
+      gather_over_onehot=gather_over_onehot,
+      tc_over_ec=tc_over_ec,
+      train_ms=train_ms, infer_ms=infer_ms,
+      model_flops_per_train_step=model_flops,
+      xla_flops_per_train_step=xla_flops, compile_s=compile_s,
+      routing=[dict(experts=r.experts, group=r.group, groups=r.groups, capacity=r.capacity, ms=r.ms,
+                    temp_mib=r.temp_mib) for r in rows],
+      routing_tokens=s['routing_tokens'],
+      wall_s=time.perf_counter() - t_start,
+  )
+  log(format_table(result))
+  if json_path:
+    with open(json_path, 'w') as f:
+      json.dump(result, f, indent=2, sort_keys=True)
+    log(f'wrote {json_path}')
+  return result
+
+
+def format_table(r: dict) -> str:
+  lines = ['| key | value | note |', '|---|---|---|',
+           f'| peak_gflops | {r["peak_gflops"]:.1f} | f32 2048² matmul, this run |',
+           f'| achieved_gflops | {r["achieved_gflops"]:.1f} | EC E=8 f_c=2, batch {r["batch"]}, '
+           f'{r["model_flops_per_train_step"]["ec_fc2_e8"] / 1e9:.1f} GFLOP/step in '
+           f'{r["train_ms"]["ec_fc2_e8"]:.0f} ms |',
+           f'| mfu | {r["mfu"]:.3f} | achieved / peak |',
+           f'| ec_over_dense_train | {r["ec_over_dense_train"]:.3f} | EC f_c=1 {r["train_ms"]["ec_fc1_e8"]:.0f} ms '
+           f'/ dense {r["train_ms"]["dense"]:.0f} ms |',
+           f'| ec_over_dense_infer | {r["ec_over_dense_infer"]:.3f} | EC f_c=1 {r["infer_ms"]["ec_fc1_e8"]:.0f} ms '
+           f'/ dense {r["infer_ms"]["dense"]:.0f} ms |',
+           f'| ec_overhead_theory | {r["ec_overhead_theory"]:.3f} | activated forward FLOPs ratio |',
+           f'| e64_over_e8 | {r["e64_over_e8"]:.3f} | EC f_c=2 train step, {r["train_ms"]["ec_fc2_e64"]:.0f} / '
+           f'{r["train_ms"]["ec_fc2_e8"]:.0f} ms |',
+           f'| tc_over_ec | {r["tc_over_ec"]:.3f} | token choice top-2 (f=1) / EC f_c=2, '
+           f'{r["train_ms"]["tc_top2"]:.0f} / {r["train_ms"]["ec_fc2_e8_beside_tc"]:.0f} ms |']
+  for g, v in r['gather_over_onehot'].items():
+    lines.append(f'| gather_over_onehot[{g}] | time {v["time"]:.3f}, memory {v["memory"]:.3f} | MoE FFN fwd+bwd, '
+                 f'{r["routing_tokens"]} tokens |')
+  return '\n'.join(lines)

@@ -1,0 +1,61 @@
+"""Smoke test of `ecdit bench suite` on a tiny config, and the analytic FLOP count against a hand computation."""
+import json
+
+import pytest
+
+from ecdit.bench import flops, suite
+from ecdit.models.config import ModelConfig
+
+KEYS = ('peak_gflops', 'mfu', 'achieved_gflops', 'ec_over_dense_train', 'ec_over_dense_infer',
+        'ec_overhead_theory', 'e64_over_e8', 'gather_over_onehot', 'tc_over_ec')
+
+
+def test_dense_flops_by_hand():
+  cfg = ModelConfig(image_size=8, in_channels=4, patch_size=2, width=32, depth=2, num_heads=2, mlp_ratio=4,
+                    routing='dense', text_encoder='precomputed', text_length=4, text_states_dim=16).validate()
+  B, N, d, L, pd, dt = 3, 16, 32, 4, 16, 16
+  patch = 2 * B * N * pd * d                 # 49152
+  temb = 2 * B * (256 * d + d * d)           # 55296
+  tproj = 2 * B * L * dt * d                 # 12288
+  per_block = (2 * B * d * 6 * d             # adaLN: 36864
+               + 2 * B * N * d * 4 * d       # self-attn q,k,v,o: 393216
+               + 2 * 2 * B * N * N * d       # QK^T and AV: 98304
+               + 2 * B * N * d * 2 * d       # cross q,o: 196608
+               + 2 * B * L * d * 2 * d       # cross k,v on text: 49152
+               + 2 * 2 * B * N * L * d       # cross QK^T and AV: 24576
+               + 2 * B * N * 2 * d * 4 * d)  # FFN: 786432
+  final = 2 * B * d * 2 * d + 2 * B * N * d * pd  # 12288 + 49152
+  fwd = patch + temb + tproj + 2 * per_block + final
+  assert fwd == 49152 + 55296 + 12288 + 2 * 1585152 + 61440 == 3348480
+  assert flops.forward_flops(cfg, B) == fwd
+  assert flops.train_step_flops(cfg, B) == 3 * fwd
+
+
+def test_moe_flops_counts_capacity():
+  base = dict(image_size=8, in_channels=4, patch_size=2, width=32, depth=2, num_heads=2, num_experts=4,
+              text_encoder='precomputed', text_length=4, text_states_dim=16)
+  dense = ModelConfig(**base, routing='dense').validate()
+  ec1 = ModelConfig(**base, capacity_factor=1.0).validate()
+  ec2 = ModelConfig(**base, capacity_factor=2.0).validate()
+  B, N, d = 2, 16, 32
+  router = 2 * B * N * d * 4
+  ffn = 2 * B * N * 2 * d * 4 * d
+  assert flops.forward_flops(ec1, B) - flops.forward_flops(dense, B) == router   # C = S/E: same expert work
+  assert flops.forward_flops(ec2, B) - flops.forward_flops(dense, B) == router + ffn
+
+
+@pytest.mark.bench
+def test_suite_smoke(tmp_path):
+  path = tmp_path / 'suite.json'
+  lines = []
+  tiny = dict(image_size=8, width=64, depth=2, num_heads=2, text_length=4, text_states_dim=16)
+  r = suite.run('quick', str(path), batch=2, reps=1, warmup=1, routing_tokens=512, group_sizes=(256, 512),
+                peak_n=128, model_overrides=tiny, log=lines.append)
+  on_disk = json.loads(path.read_text())
+  for k in KEYS:
+    assert k in r and k in on_disk, k
+  assert set(on_disk['gather_over_onehot']) == {'256', '512'}
+  assert set(on_disk['gather_over_onehot']['256']) == {'time', 'memory'}
+  assert r['peak_gflops'] > 0 and 0 < r['mfu'] and r['achieved_gflops'] > 0
+  assert abs(r['ec_overhead_theory'] - 1) < 0.1
+  assert any('| mfu |' in line for line in lines)
