@@ -229,11 +229,10 @@ def validate(cfg) -> ModelConfig:
   pairs = [('text_length', cfg.data.text_length, 'data.text_length')]
   if not text_dir:
     pairs.append(('vocab_size', cfg.data.vocab_size, 'data.vocab_size'))
-  if vae_dir:   # the VAE's own config decides the latent shape: frozen.check compares against it
-    pass
-  elif latent:
+  # With a VAE its own config decides the latent shape, and frozen.check compares the model against it.
+  if latent and not vae_dir:
     pairs += [('image_size', latent[0], 'data.latent_shape[0]'), ('in_channels', latent[-1], 'data.latent_shape[-1]')]
-  else:
+  elif not vae_dir:
     pairs += [('image_size', cfg.data.image_size, 'data.image_size'), ('in_channels', 3, 'RGB images (3)')]
   for mkey, want, where in pairs:
     if getattr(mcfg, mkey) != want:
