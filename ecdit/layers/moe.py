@@ -7,12 +7,17 @@
   2. routes in float32: `probs = softmax(x·W_r)` over experts, then `routing.expert_choice` (or
      `routing.token_choice`) gives an expert-centric plan `gate, index [G, E, C]`;
   3. dispatches with `cfg.moe_backend`:
-       'gather'  takes the chosen tokens into an `[G, E, C, d]` buffer and scatter-adds the gate-weighted
-                 expert outputs back (memory O(G·E·C·d));
+       'gather'  takes the chosen tokens into an expert-major `[E, G, C, d]` buffer and scatter-adds the
+                 gate-weighted expert outputs back (memory O(G·E·C·d));
        'onehot'  builds the one-hot dispatch tensor `[G, E, C, Sg]` and uses two einsums (memory
                  O(G·E·C·Sg), quadratic in the group size; the readable reference);
-  4. runs the E stacked experts as one batched einsum; output = Σ over the experts that chose a token of
-     gate · expert(token), not renormalised. A token no expert chose gets 0 (the block's residual carries it).
+  4. runs the E stacked experts as one batched einsum over `[E, G·C, d]`; output = Σ over the experts that
+     chose a token of gate · expert(token), not renormalised. A token no expert chose gets 0 (the block's
+     residual carries it).
+
+Expert-major `[E, G, C, d]` is the layout the experts' batched matmul wants (batch dimension first, the G·C
+rows of one expert contiguous): gathering straight into it instead of `[G, E, C, d]` spares XLA a transpose
+of the activations before and after each expert einsum, forward and backward (docs/performance.md).
 
 Under `jax.set_mesh(mesh)` with ecdit's mesh axes and more than one device, steps 1-4 run expert-parallel in
 `jax.shard_map` (ecdit.parallel.moe_parallel) with the same results; one device runs the code below as is.
@@ -96,21 +101,28 @@ def check_moe_config(cfg: ModelConfig) -> None:
                      "or 'token_choice' ('dense' blocks use DenseFFN; see make_ffn)")
 
 
-# ---- dispatch backends: tokens [G, S, d] + plan [G, E, C] -> [G, E, C, d] and back ------------------------
+# ---- dispatch backends: tokens [G, S, d] + plan [G, E, C] -> [E, G, C, d] and back ------------------------
+
+def _flat_index(index: jax.Array, tokens: int) -> jax.Array:
+  """`[G, E, C]` positions within each group → `[E, G, C]` rows of the flattened `[G·S, d]` tokens."""
+  groups = index.shape[0]
+  offsets = (jnp.arange(groups, dtype=index.dtype) * tokens)[:, None, None]
+  return jnp.swapaxes(index + offsets, 0, 1)
+
 
 def gather_dispatch(x: jax.Array, index: jax.Array) -> jax.Array:
-  """`[G, S, d]`, `[G, E, C]` → `[G, E, C, d]`: slot (e, c) holds token `index[g, e, c]`."""
-  return jax.vmap(lambda xg, ig: xg[ig])(x, index)
+  """`[G, S, d]`, `[G, E, C]` → `[E, G, C, d]`: slot (e, g, c) holds token `index[g, e, c]` of group g."""
+  groups, tokens, width = x.shape
+  return x.reshape(groups * tokens, width)[_flat_index(index, tokens)]
 
 
 def gather_combine(expert_out: jax.Array, gate: jax.Array, index: jax.Array, tokens: int) -> jax.Array:
-  """`[G, E, C, d]` expert outputs → `[G, S, d]`: gate-weight each slot, scatter-add into its token."""
-  weighted = expert_out * gate[..., None].astype(expert_out.dtype)
-  width = expert_out.shape[-1]
-
-  def one_group(w, i):
-    return jax.ops.segment_sum(w.reshape(-1, width), i.reshape(-1), num_segments=tokens)
-  return jax.vmap(one_group)(weighted, index)
+  """`[E, G, C, d]` expert outputs → `[G, S, d]`: gate-weight each slot, scatter-add into its token."""
+  weighted = expert_out * jnp.swapaxes(gate, 0, 1)[..., None].astype(expert_out.dtype)
+  experts, groups, _, width = expert_out.shape
+  flat = jax.ops.segment_sum(weighted.reshape(-1, width), _flat_index(index, tokens).reshape(-1),
+                             num_segments=groups * tokens)
+  return flat.reshape(groups, tokens, width)
 
 
 def onehot_dispatch_mask(index: jax.Array, tokens: int, dtype, valid: jax.Array | None = None) -> jax.Array:
@@ -127,22 +139,23 @@ _EXACT = jax.lax.Precision.HIGHEST
 
 
 def run_experts(xe: jax.Array, wi, bi, wo, bo) -> jax.Array:
-  """E stacked FFNs on `[G, E, C, d]` → `[G, E, C, d]`; expert e sees only row e."""
-  h = jnp.einsum('gecd,edh->gech', xe, wi) + bi[None, :, None, :]
-  return jnp.einsum('gech,ehd->gecd', _gelu(h), wo) + bo[None, :, None, :]
+  """E stacked FFNs on expert-major `[E, G, C, d]` → `[E, G, C, d]`; expert e sees only slice e."""
+  h = jnp.einsum('egcd,edh->egch', xe, wi) + bi[:, None, None, :]
+  return jnp.einsum('egch,ehd->egcd', _gelu(h), wo) + bo[:, None, None, :]
 
 
 def dispatch_and_combine(x: jax.Array, gate: jax.Array, index: jax.Array, valid: jax.Array | None, backend: str,
                 expert_fn: Callable[[jax.Array], jax.Array]) -> jax.Array:
-  """Dispatch `x [G, S, d]` per the plan, run `expert_fn` on `[G, E, C, d]`, combine back to `[G, S, d]`."""
+  """Dispatch `x [G, S, d]` per the plan, run `expert_fn` on expert-major `[E, G, C, d]`, combine back to
+  `[G, S, d]`."""
   tokens = x.shape[1]
   if backend == 'gather':
     return gather_combine(expert_fn(gather_dispatch(x, index)), gate, index, tokens)
   if backend == 'onehot':
     dispatch = onehot_dispatch_mask(index, tokens, x.dtype, valid)
-    xe = jnp.einsum('gecs,gsd->gecd', dispatch, x, precision=_EXACT)
+    xe = jnp.einsum('gecs,gsd->egcd', dispatch, x, precision=_EXACT)
     ye = expert_fn(xe)
-    return jnp.einsum('gecs,gec,gecd->gsd', dispatch, gate.astype(ye.dtype), ye, precision=_EXACT)
+    return jnp.einsum('gecs,gec,egcd->gsd', dispatch, gate.astype(ye.dtype), ye, precision=_EXACT)
   raise ValueError(f"model.moe_backend={backend!r} is invalid: expected one of ['gather', 'onehot']")
 
 

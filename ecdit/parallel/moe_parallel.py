@@ -10,8 +10,8 @@ Per device (batch split over data·fsdp·expert, `n` = size of 'expert', `E_l = 
 
   local groups (scope 'image', or 'group' whose groups fit in a device's tokens):
     x [B_l, S, d] → groups [G_l, Sg, d] → route locally (top-k over the whole, never split, token axis)
-    → dispatch [G_l, E, C, d] → all_to_all over 'expert' (split E, stack groups): [n·G_l, E_l, C, d]
-    → the E_l local experts → all_to_all back: [G_l, E, C, d] → gate-weight and combine → [B_l, S, d].
+    → dispatch [E, G_l, C, d] → all_to_all over 'expert' (split E, stack groups): [E_l, n·G_l, C, d]
+    → the E_l local experts → all_to_all back: [E, G_l, C, d] → gate-weight and combine → [B_l, S, d].
     Two all_to_alls per MoE layer forward (four with the backward pass), each moving the dispatched buffer.
 
   pooled groups (scope 'batch', or 'group' with group_size larger than a device's tokens): a routing group
@@ -81,13 +81,14 @@ def _layout(cfg, batch: int, tokens: int, mesh):
 
 
 def _local_experts(xe, wi, bi, wo, bo, dtype, model_axis):
-  """Local experts on `[g, E_l, C, d]`; the hidden width is split over 'model' (partial sums psummed)."""
+  """Local experts on expert-major `[E_l, g, C, d]`; the hidden width is split over 'model' (partial sums
+  psummed)."""
   cast = lambda a: a.astype(dtype)  # noqa: E731
-  h = jnp.einsum('gecd,edh->gech', xe, cast(wi)) + cast(bi)[None, :, None, :]
-  out = jnp.einsum('gech,ehd->gecd', moe_lib._gelu(h), cast(wo))  # pylint: disable=protected-access
+  h = jnp.einsum('egcd,edh->egch', xe, cast(wi)) + cast(bi)[:, None, None, :]
+  out = jnp.einsum('egch,ehd->egcd', moe_lib._gelu(h), cast(wo))  # pylint: disable=protected-access
   if model_axis:
     out = jax.lax.psum(out, model_axis)
-  return out + cast(bo)[None, :, None, :]
+  return out + cast(bo)[:, None, None, :]
 
 
 def moe_expert_parallel(x, weights, cfg, train: bool, mesh, *, want_stats: bool, want_aux: bool):
@@ -130,12 +131,12 @@ def moe_expert_parallel(x, weights, cfg, train: bool, mesh, *, want_stats: bool,
       y = y.reshape(batch, tokens, width)
       y = jax.lax.dynamic_slice_in_dim(y, jax.lax.axis_index(batch_axes) * local, local, axis=0)
     else:
-      def remote_experts(xe):                                      # [G_l, E, C, d]
+      def remote_experts(xe):                                      # [E, G_l, C, d]
         if n_exp > 1:
-          xe = jax.lax.all_to_all(xe, 'expert', 1, 0, tiled=True)  # [n·G_l, E_l, C, d]
+          xe = jax.lax.all_to_all(xe, 'expert', 0, 1, tiled=True)  # [E_l, n·G_l, C, d]
         ye = experts_fn(xe)
         if n_exp > 1:
-          ye = jax.lax.all_to_all(ye, 'expert', 0, 1, tiled=True)  # [G_l, E, C, d]
+          ye = jax.lax.all_to_all(ye, 'expert', 1, 0, tiled=True)  # [E, G_l, C, d]
         return ye
       y = moe_lib.dispatch_and_combine(xg.astype(dtype), gate, index, valid, cfg.moe_backend, remote_experts)
       y = y.reshape(local, tokens, width)

@@ -1,0 +1,90 @@
+"""The parameter update of one train step: clip → AdamW → apply → EMA, skipped when the step is non-finite.
+
+`optax` composes the same update as separate tree passes (clip, moments, bias correction, decayed weights,
+learning rate, apply), and the skip was a `jnp.where(finite, new, old)` over params, moments and EMA. On
+XLA:CPU that costs 3–4× the memory traffic of the update itself: each pass is its own loop over every
+parameter, and the data-dependent select keeps the donated buffers from being updated in place (measured in
+docs/performance.md). Here every leaf is one chain of elementwise ops that XLA fuses into four loops (m, v,
+params, EMA) updating the donated buffers in place, and the skip is folded into scalars: a non-finite step
+zeroes the gradient and uses b1 = b2 = 1, lr = 0 and EMA decay 1, which leaves every value bit-for-bit
+unchanged.
+
+The optimizer state keeps optax's structure (`optim.make_optimizer(...).init` makes it; checkpoints are
+unchanged) and the arithmetic follows optax's op for op (clip_by_global_norm, scale_by_adam,
+add_decayed_weights, scale_by_learning_rate, apply_updates), so results agree with the optax chain to
+float rounding (tests/test_train_update.py). Only AdamW takes this path; other optimizers use optax as is.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+def supports(train_cfg) -> bool:
+  return train_cfg.optimizer == 'adamw'
+
+
+def _find(state, kind):
+  """The first optax state of type `kind` in the (nested tuple) optimizer state."""
+  if isinstance(state, kind):
+    return state
+  if isinstance(state, tuple):
+    for s in state:
+      found = _find(s, kind)
+      if found is not None:
+        return found
+  return None
+
+
+def _replace(state, kind, new):
+  if isinstance(state, kind):
+    return new
+  if isinstance(state, tuple) and not hasattr(state, '_fields'):
+    return tuple(_replace(s, kind, new) for s in state)
+  return state
+
+
+def fused_adamw_ema(train_cfg, lr_schedule: optax.Schedule, grads, grad_norm, finite, params, opt_state,
+                    ema_params, ema_decay) -> tuple[Any, Any, Any]:
+  """`(params, opt_state, ema_params)` after one AdamW step with global-norm clipping and the EMA update, or
+  the inputs unchanged (bit for bit) where `finite` is False. `grad_norm` is `optax.global_norm(grads)`."""
+  adam = _find(opt_state, optax.ScaleByAdamState)
+  sched = _find(opt_state, optax.ScaleByScheduleState)
+  if adam is None or sched is None:
+    raise ValueError('fused_adamw_ema expects the state of optim.make_optimizer with optimizer=adamw')
+  b1, b2, eps, wd = (float(train_cfg.b1), float(train_cfg.b2), float(train_cfg.eps),
+                     float(train_cfg.weight_decay))
+  max_norm = float(train_cfg.grad_clip) if train_cfg.grad_clip and train_cfg.grad_clip > 0 else None
+
+  count = optax.safe_increment(adam.count)
+  # (1 - b) is formed in Python, as optax does, so the finite path rounds exactly like optax.
+  b1_, one_b1 = jnp.where(finite, jnp.float32(b1), 1.0), jnp.where(finite, jnp.float32(1 - b1), 0.0)
+  b2_, one_b2 = jnp.where(finite, jnp.float32(b2), 1.0), jnp.where(finite, jnp.float32(1 - b2), 0.0)
+  correct1 = 1 - b1 ** count          # optax's bias correction, in float32 (count ≥ 1, so never 0)
+  correct2 = 1 - b2 ** count
+  step_size = jnp.where(finite, -lr_schedule(sched.count), 0.0)
+  decay = jnp.where(finite, ema_decay, 1.0)
+  clip = None if max_norm is None else grad_norm < max_norm
+
+  def leaf(g, p, m, v, e):
+    if clip is not None:
+      g = jax.lax.select(clip, g, (g / grad_norm.astype(g.dtype)) * max_norm)
+    g = jnp.where(finite, g, jnp.zeros_like(g))
+    m = one_b1.astype(g.dtype) * g + b1_.astype(m.dtype) * m
+    v = one_b2.astype(g.dtype) * g ** 2 + b2_.astype(v.dtype) * v
+    u = (m / correct1.astype(m.dtype)) / (jnp.sqrt(v / correct2.astype(v.dtype) + 0.0) + eps)
+    u = (u + wd * p) * step_size.astype(u.dtype)
+    p = jnp.asarray(p + u).astype(p.dtype)
+    e = (decay * e + (1.0 - decay) * p).astype(e.dtype)
+    return p, m, v, e
+
+  out = jax.tree.map(leaf, grads, params, adam.mu, adam.nu, ema_params)
+  treedef = jax.tree.structure(params)
+  new_p, new_m, new_v, new_e = (treedef.unflatten([t[i] for t in treedef.flatten_up_to(out)]) for i in range(4))
+  new_adam = adam._replace(count=jnp.where(finite, count, adam.count), mu=new_m, nu=new_v)
+  new_sched = sched._replace(count=jnp.where(finite, optax.safe_increment(sched.count), sched.count))
+  opt_state = _replace(_replace(opt_state, optax.ScaleByAdamState, new_adam), optax.ScaleByScheduleState, new_sched)
+  return new_p, opt_state, new_e
