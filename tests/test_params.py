@@ -1,4 +1,4 @@
-"""`ecdit params`: eval_shape counts, the MoE arithmetic of Table 1, the closed-form fit, the CLI."""
+"""`ecdit params`: eval_shape counts, the MoE arithmetic of Table 1, the paper accounting, the fit, the CLI."""
 import json
 import os
 import subprocess
@@ -64,6 +64,34 @@ def test_table1_fit_reproduces_every_row(size):
     assert 5.3e9 < act < 5.5e9
 
 
+@pytest.mark.parametrize('size', ['XL', 'XXL', '3XL', 'M'])
+def test_paper_accounting_reproduces_table1(size):
+  row = P.TABLE1[size]
+  dense = P.paper_accounting({'size': size, 'routing': 'dense'})
+  moe = P.paper_accounting({'size': f"{size}-{row['experts']}E"})
+  assert abs(dense['total'] / (row['dense'] * 1e9) - 1) < 0.005
+  assert abs(moe['total'] / (row['moe'] * 1e9) - 1) < 0.005
+  if size == 'M':
+    assert abs(moe['activated'] / 8.27e9 - 1) < 0.005
+  if size == '3XL':   # reported 5.18B; Algorithm 2 gives ≈5.4B under any accounting (known inconsistency)
+    assert 5.3e9 < moe['activated'] < 5.5e9
+  assert sum(dense['components'].values()) == dense['total']
+  assert dense['components']['text_encoder'] + dense['components']['unattributed'] == P.PAPER_FIXED
+
+
+def test_paper_accounting_is_our_model_without_cross_attention(xl):
+  """The accounting is our model minus its cross-attention (and that attention's norm), text side fixed."""
+  for ours, cfg in zip(xl, ({'size': 'XL', 'routing': 'dense'}, {'size': 'XL-32E'})):
+    acct = P.paper_accounting(cfg)
+    c, a = ours['components'], acct['components']
+    assert a['attention'] == c['self_attn']
+    for name in ('patch_embed', 't_embed', 'text_proj', 'adaln', 'dense_ffn', 'experts', 'router', 'final'):
+      assert a[name] == c[name], name
+    dropped = c['cross_attn'] + c['norms'] + c['text_encoder']
+    assert acct['total'] == ours['total'] - dropped + P.PAPER_FIXED
+    assert acct['activated'] == ours['activated'] - dropped + P.PAPER_FIXED
+
+
 def test_cli_json():
   env = dict(os.environ, JAX_PLATFORMS='cpu')
   out = subprocess.run([sys.executable, '-m', 'ecdit.cli', 'params', '--size=XL', '--experts=32', '--json'],
@@ -73,6 +101,15 @@ def test_cli_json():
   assert res['config']['num_experts'] == 32 and res['config']['sparse_layers'] == 14
   assert abs(res['total'] / 6.08e9 - 1) < 0.02          # MoE total: dominated by the exact experts
   assert res['paper_table1']['paper']['moe'] == pytest.approx(6.08e9)
+  assert abs(res['paper_table1']['accounting']['dense'] / 1.47e9 - 1) < 0.005
+  assert res['paper_accounting']['total'] == res['paper_table1']['accounting']['moe']
+  m64 = subprocess.run([sys.executable, '-m', 'ecdit.cli', 'params', '--size=M', '--experts=64', '--json'],
+                       capture_output=True, text=True, env=env, timeout=300)
+  assert m64.returncode == 0, m64.stderr
+  res = json.loads(m64.stdout)
+  assert res['config']['depth'] == 38 and res['config']['sparse_layers'] == 19   # the paper's M-64E
+  assert abs(res['paper_accounting']['total'] / 97.21e9 - 1) < 0.005
+  assert abs(res['paper_accounting']['activated'] / 8.27e9 - 1) < 0.005
   bad = subprocess.run([sys.executable, '-m', 'ecdit.cli', 'params', '--size=XXXL'], capture_output=True,
                        text=True, env=env, timeout=300)
   assert bad.returncode != 0 and 'XXXL' in bad.stderr
