@@ -16,6 +16,7 @@ COMMANDS = {
     'bench': ('ecdit.bench.main', 'benchmarks, e.g. `ecdit bench routing`'),
     'eval': ('ecdit.eval.main', 'GenEval-style scores for a workdir (or --ground_truth) on shapes prompts'),
     'analyze': ('ecdit.eval.analyze_main', 'experts per image token per layer/step: heat maps, fg/bg, text'),
+    'compare': ('ecdit.eval.compare_main', 'runs side by side: loss curves PNG, GenEval scores, fg/bg ratio'),
     'export': ('ecdit.export.main', 'a workdir as safetensors (+ PyTorch reference) or StableHLO artefacts'),
     'upcycle': ('ecdit.export.upcycle_main', 'an EC-DiT workdir from a dense one (FFNs copied into experts)'),
 }

@@ -1,0 +1,303 @@
+"""Several training runs side by side (issue 6): loss curves, GenEval-style scores, fg/bg expert ratio.
+
+  runs = [load_run(w) for w in workdirs]        # RunSummary per `ecdit train` workdir
+  write_report(runs, 'runs/compare')             # loss_curves.png, compare.md, compare.json
+
+A run is read from what the other commands leave in its workdir: `config.json` and `metrics.jsonl`
+(`ecdit train`), the newest `eval/step_<N>.json` (`ecdit eval`) and the newest
+`analysis/step_<N>/analysis.json` (`ecdit analyze`). Missing eval or analysis results are reported as n/a
+(a dense run has no experts, so `ecdit analyze` refuses it).
+
+The loss compared is `flow_loss` when logged, else `loss`: token choice adds its balance loss to `loss`,
+which would make it look worse at equal denoising quality.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+
+FINAL_LOSS_WINDOW = 5    # final loss = mean of the last this-many logged losses (one logged value is noisy)
+Z95 = 1.959964
+
+
+class CompareError(ValueError):
+  """A workdir cannot be compared (missing, or not a training run); the message names the path."""
+
+
+@dataclasses.dataclass
+class RunSummary:
+  label: str
+  workdir: str
+  name: str
+  routing: str
+  num_experts: int
+  capacity_factor: float | None
+  top_k: int | None
+  steps: int                                  # last logged step
+  loss_key: str
+  curve: list[tuple[int, float]]              # (step, loss) per logged step
+  final_loss: float
+  eval: dict | None = None                    # see geneval_summary()
+  fg_bg: dict | None = None                   # {'fg_mean', 'bg_mean', 'ratio', 'step', 'file'}
+
+
+# ------------------------------------------------------------------------------------------- loading
+
+def _newest_step_path(paths) -> Path | None:
+  """The path whose name holds the largest `step_<N>` (names without one, e.g. ground_truth.json, skipped)."""
+  numbered = [(int(m.group(1)), p) for p in paths if (m := re.match(r'step_(\d+)', p.name))]
+  return max(numbered)[1] if numbered else None
+
+
+def overall_interval(counts: dict, z: float = Z95) -> tuple[float, float]:
+  """95% interval of GenEval's overall score, the *mean of the tag accuracies* (not pooled images).
+
+  Normal approximation: tags are independent binomials, so var(mean) = sum_t p_t(1-p_t)/n_t / T² with
+  p_t = correct/images of tag t and T the number of tags. Clipped to [0, 1]. Like any Wald interval it
+  collapses to a point when every tag is at 0% or 100%; a pooled Wilson interval would be narrower than
+  this and describe a different quantity (tags with fewer images weigh more in the mean).
+  """
+  tags = [c for c in counts.values() if c.get('images')]
+  if not tags:
+    return 0.0, 1.0
+  ps = [c['correct'] / c['images'] for c in tags]
+  mean = sum(ps) / len(ps)
+  var = sum(p * (1 - p) / c['images'] for p, c in zip(ps, tags)) / len(tags) ** 2
+  half = z * math.sqrt(var)
+  return max(0.0, mean - half), min(1.0, mean + half)
+
+
+def geneval_summary(results: dict) -> dict:
+  """The numbers compared from an `ecdit eval` results dict: overall with its interval, per-tag accuracy."""
+  ci = results.get('overall_ci95')
+  method = 'from eval file'
+  if ci is None:
+    ci, method = overall_interval(results.get('counts', {})), 'normal approx. over per-tag binomials'
+  return {'overall': float(results['overall']), 'overall_ci95': [float(ci[0]), float(ci[1])],
+          'ci_method': method, 'tags': dict(results.get('tags', {})), 'tag_ci95': dict(results.get('ci95', {})),
+          'step': results.get('step')}
+
+
+def _read_json(path: Path) -> dict:
+  try:
+    return json.loads(path.read_text())
+  except (OSError, json.JSONDecodeError) as e:
+    raise CompareError(f'{path}: unreadable JSON ({e})') from None
+
+
+def read_curve(path: Path) -> tuple[str, list[tuple[int, float]]]:
+  """(loss key, [(step, loss)]) from a metrics.jsonl; a torn last line (killed run) is ignored."""
+  records = []
+  for line in path.read_text().splitlines():
+    try:
+      records.append(json.loads(line))
+    except json.JSONDecodeError:
+      continue
+  key = 'flow_loss' if any('flow_loss' in r for r in records) else 'loss'
+  curve = [(int(r['step']), float(r[key])) for r in records
+           if 'step' in r and isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+  if not curve:
+    raise CompareError(f'{path}: no logged step with a finite "{key}" (has the run logged its first step?)')
+  return key, curve
+
+
+def load_run(workdir, label: str | None = None) -> RunSummary:
+  """A RunSummary of one `ecdit train` workdir. Raises CompareError for a missing workdir, config.json or
+  metrics.jsonl; missing eval / analysis results leave `eval` / `fg_bg` None."""
+  wd = Path(workdir)
+  if not wd.is_dir():
+    raise CompareError(f'workdir {wd} does not exist')
+  for f in ('metrics.jsonl', 'config.json'):
+    if not (wd / f).is_file():
+      raise CompareError(f'workdir {wd} has no {f} (is it an `ecdit train` run directory?)')
+  cfg = _read_json(wd / 'config.json')
+  model = cfg.get('model', {})
+  routing = model.get('routing', 'dense')
+  key, curve = read_curve(wd / 'metrics.jsonl')
+  last = [loss for _, loss in curve[-FINAL_LOSS_WINDOW:]]
+  run = RunSummary(
+      label=label or cfg.get('name') or wd.name, workdir=str(wd), name=cfg.get('name', wd.name),
+      routing=routing, num_experts=int(model.get('num_experts') or 1),
+      capacity_factor=model.get('capacity_factor') if routing == 'expert_choice' else None,
+      top_k=model.get('top_k') if routing == 'token_choice' else None,
+      steps=curve[-1][0], loss_key=key, curve=curve, final_loss=sum(last) / len(last))
+
+  eval_path = _newest_step_path((wd / 'eval').glob('step_*.json'))
+  if eval_path:
+    run.eval = dict(geneval_summary(_read_json(eval_path)), file=str(eval_path))
+  analysis_dir = _newest_step_path(p for p in (wd / 'analysis').glob('step_*') if (p / 'analysis.json').is_file())
+  if analysis_dir:
+    fb = _read_json(analysis_dir / 'analysis.json').get('fg_bg') or {}   # None when run with --scenes=0
+    if fb.get('ratio') is not None:
+      run.fg_bg = {'fg_mean': fb['fg_mean'], 'bg_mean': fb['bg_mean'], 'ratio': fb['ratio'],
+                   'step': int(analysis_dir.name.split('_')[1]), 'file': str(analysis_dir / 'analysis.json')}
+  return run
+
+
+# --------------------------------------------------------------------------------------------- tables
+
+def routing_text(run: RunSummary) -> str:
+  if run.routing == 'expert_choice':
+    return f'expert choice ({run.num_experts}E, f={run.capacity_factor:g})'
+  if run.routing == 'token_choice':
+    return f'token choice ({run.num_experts}E, top-{run.top_k})'
+  return run.routing
+
+
+def _pct(x) -> str:
+  return 'n/a' if x is None else f'{100 * x:.1f}%'
+
+
+def all_tags(runs) -> list[str]:
+  """Every tag any run was scored on, in first-seen order (eval files list them in GenEval's order)."""
+  return list(dict.fromkeys(t for r in runs if r.eval for t in r.eval['tags']))
+
+
+def markdown_table(runs) -> str:
+  tags = all_tags(runs)
+  head = ['run', 'routing', 'steps', 'final loss', 'GenEval overall [95% CI]'] + tags + ['fg/bg experts']
+  rows = [head, ['---'] * len(head)]
+  for r in runs:
+    if r.eval:
+      lo, hi = r.eval['overall_ci95']
+      overall = f'{_pct(r.eval["overall"])} [{100 * lo:.1f}, {100 * hi:.1f}]'
+    else:
+      overall = 'n/a'
+    tag_cells = [_pct(r.eval['tags'].get(t)) if r.eval else 'n/a' for t in tags]
+    ratio = f'{r.fg_bg["ratio"]:.3f}' if r.fg_bg else 'n/a'
+    rows.append([r.label, routing_text(r), str(r.steps), f'{r.final_loss:.4f}', overall] + tag_cells + [ratio])
+  return '\n'.join('| ' + ' | '.join(row) + ' |' for row in rows)
+
+
+def to_json(runs) -> dict:
+  return {'final_loss_window': FINAL_LOSS_WINDOW,
+          'runs': [dict(dataclasses.asdict(r), routing_text=routing_text(r)) for r in runs]}
+
+
+# ---------------------------------------------------------------------------------------------- plot
+
+PALETTE = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (140, 86, 75),
+           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+
+
+def ema(values, smoothing: float = 0.6) -> np.ndarray:
+  """Debiased exponential moving average (TensorBoard's smoothing): the first points are not pulled to 0."""
+  out, acc = [], 0.0
+  for i, v in enumerate(values):
+    acc = smoothing * acc + (1 - smoothing) * v
+    out.append(acc / (1 - smoothing ** (i + 1)))
+  return np.asarray(out)
+
+
+def nice_linear_ticks(lo: float, hi: float, target: int = 6) -> list[float]:
+  """Round ticks (1, 2, 5 × 10^k apart) covering [lo, hi]."""
+  span = max(hi - lo, 1e-12)
+  raw = span / target
+  step = min((m * 10 ** math.floor(math.log10(raw)) for m in (1, 2, 5, 10)), key=lambda s: abs(s - raw))
+  first = math.ceil(lo / step) * step
+  return [first + i * step for i in range(int((hi - first) / step + 1e-9) + 1)]
+
+
+def log_ticks(lo: float, hi: float) -> list[float]:
+  """1, 2, 5 × 10^k in [lo, hi]; every digit 1..9 when that gives fewer than three (a narrow loss range)."""
+  for mantissas in ((1, 2, 5), tuple(range(1, 10))):
+    ticks = [m * 10.0 ** k for k in range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)
+             for m in mantissas if lo <= m * 10.0 ** k <= hi]
+    if len(ticks) >= 3:
+      return ticks
+  return ticks
+
+
+def loss_curves_png(runs, path, *, size=(900, 560), smoothing: float = 0.6) -> Path:
+  """One line per run (EMA-smoothed, raw values faint behind), x = step, y = loss on a log scale."""
+  from PIL import Image, ImageDraw, ImageFont  # pylint: disable=import-outside-toplevel
+  w, h = size
+  left, right, top, bottom = 70, 20, 36, 50
+  img = Image.new('RGB', size, 'white')
+  draw = ImageDraw.Draw(img)
+  try:
+    font = ImageFont.load_default(size=13)
+  except TypeError:   # Pillow < 10.1: the bitmap font, no size
+    font = ImageFont.load_default()
+  losses = [v for r in runs for _, v in r.curve if v > 0]
+  steps = [s for r in runs for s, _ in r.curve]
+  if not losses:
+    raise CompareError('no positive loss to draw on a log scale')
+  y_lo, y_hi = math.log10(min(losses)), math.log10(max(losses))
+  pad = max(0.05 * (y_hi - y_lo), 0.01)
+  y_lo, y_hi = y_lo - pad, y_hi + pad
+  x_lo, x_hi = min(steps), max(max(steps), min(steps) + 1)
+
+  def px(step, loss):
+    return (left + (step - x_lo) / (x_hi - x_lo) * (w - left - right),
+            top + (y_hi - math.log10(loss)) / (y_hi - y_lo) * (h - top - bottom))
+
+  grid, axis = (225, 225, 225), (60, 60, 60)
+  for v in log_ticks(10 ** y_lo, 10 ** y_hi):
+    y = px(x_lo, v)[1]
+    draw.line([(left, y), (w - right, y)], fill=grid)
+    draw.text((left - 6, y), f'{v:g}', fill=axis, font=font, anchor='rm')
+  for s in nice_linear_ticks(x_lo, x_hi):
+    x = px(s, 10 ** y_lo)[0]
+    draw.line([(x, top), (x, h - bottom)], fill=grid)
+    draw.text((x, h - bottom + 6), f'{s:g}', fill=axis, font=font, anchor='mt')
+  draw.rectangle([left, top, w - right, h - bottom], outline=axis)
+  draw.text((left + (w - left - right) / 2, h - 8), 'step', fill=axis, font=font, anchor='md')
+  keys = '/'.join(sorted({r.loss_key for r in runs}))
+  draw.text((left, top / 2), f'training loss ({keys}, log scale; EMA {smoothing:g})',
+            fill=axis, font=font, anchor='lm')
+
+  for i, r in enumerate(runs):
+    color = PALETTE[i % len(PALETTE)]
+    faint = tuple(int(c + 0.75 * (255 - c)) for c in color)
+    pts = [(s, v) for s, v in r.curve if v > 0]
+    smooth = ema([v for _, v in pts], smoothing)
+    for values, fill, width in (([v for _, v in pts], faint, 1), (smooth, color, 2)):
+      line = [px(s, v) for (s, _), v in zip(pts, values)]
+      if len(line) > 1:
+        draw.line(line, fill=fill, width=width)
+      else:
+        draw.ellipse([line[0][0] - 2, line[0][1] - 2, line[0][0] + 2, line[0][1] + 2], fill=fill)
+
+  # Legend, top right inside the axes (losses fall, so that corner is usually empty).
+  rows = [(r.label, PALETTE[i % len(PALETTE)]) for i, r in enumerate(runs)]
+  box_w = 34 + max(draw.textlength(label, font=font) for label, _ in rows)
+  x0, y0 = w - right - box_w - 8, top + 8
+  draw.rectangle([x0, y0, x0 + box_w, y0 + 18 * len(rows) + 6], fill='white', outline=axis)
+  for k, (label, color) in enumerate(rows):
+    y = y0 + 12 + 18 * k
+    draw.line([(x0 + 6, y), (x0 + 26, y)], fill=color, width=3)
+    draw.text((x0 + 30, y), label, fill=(0, 0, 0), font=font, anchor='lm')
+
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  img.save(path)
+  return path
+
+
+# -------------------------------------------------------------------------------------------- report
+
+def write_report(runs, out) -> dict:
+  """Writes `out`/loss_curves.png, compare.md and compare.json; returns {'png', 'md', 'json', 'table'}."""
+  out = Path(out)
+  out.mkdir(parents=True, exist_ok=True)
+  png = loss_curves_png(runs, out / 'loss_curves.png')
+  table = markdown_table(runs)
+  notes = [f'- final loss: mean `{runs[0].loss_key}` of the last {FINAL_LOSS_WINDOW} logged steps.',
+           '- GenEval overall: mean of the tag accuracies; 95% CI by a normal approximation over the per-tag '
+           'binomials unless the eval file gives one.',
+           '- fg/bg experts: mean experts per foreground token / per background token (`ecdit analyze`); '
+           'n/a without an analysis (dense runs have no experts).']
+  sources = [f'- {r.label}: `{r.workdir}`' + (f', eval `{r.eval["file"]}`' if r.eval else '') +
+             (f', analysis `{r.fg_bg["file"]}`' if r.fg_bg else '') for r in runs]
+  md = out / 'compare.md'
+  md.write_text('\n'.join(['# Run comparison', '', table, '', '![training loss](loss_curves.png)', '',
+                           *notes, '', 'Sources:', '', *sources, '']))
+  js = out / 'compare.json'
+  js.write_text(json.dumps(to_json(runs), indent=1) + '\n')
+  return {'png': png, 'md': md, 'json': js, 'table': table}
