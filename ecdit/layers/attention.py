@@ -32,8 +32,9 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: ja
   if h % kv:
     raise ValueError(f'attention: {h} query heads are not a multiple of {kv} key/value heads')
   groups = h // kv
-  qg = q.reshape(b, lq, kv, groups, hd).astype(jnp.float32)
-  logits = jnp.einsum('bqkgd,bskd->bkgqs', qg, k.astype(jnp.float32)) / jnp.sqrt(jnp.float32(hd))
+  # Scale q, not the logits: Lq·hd elements instead of Lq·Lk (and exact when hd is a power of 4).
+  qg = q.reshape(b, lq, kv, groups, hd).astype(jnp.float32) * jnp.float32(1.0 / hd ** 0.5)
+  logits = jnp.einsum('bqkgd,bskd->bkgqs', qg, k.astype(jnp.float32))
   if key_mask is not None:
     m = key_mask[:, None, None, None, :]
     logits = jnp.where(m, logits, jnp.finfo(jnp.float32).min)

@@ -10,9 +10,10 @@ zeroes the gradient and uses b1 = b2 = 1, lr = 0 and EMA decay 1, which leaves e
 unchanged.
 
 The optimizer state keeps optax's structure (`optim.make_optimizer(...).init` makes it; checkpoints are
-unchanged) and the arithmetic follows optax's op for op (clip_by_global_norm, scale_by_adam,
-add_decayed_weights, scale_by_learning_rate, apply_updates), so results agree with the optax chain to
-float rounding (tests/test_train_update.py). Only AdamW takes this path; other optimizers use optax as is.
+unchanged) and the arithmetic follows optax's op for op (scale_by_adam, add_decayed_weights,
+scale_by_learning_rate, apply_updates; clipping multiplies by max_norm/norm instead of dividing by the norm
+and multiplying by max_norm), so results agree with the optax chain to float rounding
+(tests/test_train_update.py). Only AdamW takes this path; other optimizers use optax as is.
 """
 from __future__ import annotations
 
@@ -67,12 +68,15 @@ def fused_adamw_ema(train_cfg, lr_schedule: optax.Schedule, grads, grad_norm, fi
   correct2 = 1 - b2 ** count
   step_size = jnp.where(finite, -lr_schedule(sched.count), 0.0)
   decay = jnp.where(finite, ema_decay, 1.0)
-  clip = None if max_norm is None else grad_norm < max_norm
+  # Clipping as one scalar factor (optax divides every element by the norm, then multiplies by max_norm: a
+  # division XLA will not duplicate into both moment loops, so it writes a clipped copy of the gradients first).
+  scale = jnp.float32(1.0)
+  if max_norm is not None:
+    scale = jnp.where(grad_norm < max_norm, 1.0, max_norm / grad_norm)
+  scale = jnp.where(finite, scale, 0.0)
 
   def leaf(g, p, m, v, e):
-    if clip is not None:
-      g = jax.lax.select(clip, g, (g / grad_norm.astype(g.dtype)) * max_norm)
-    g = jnp.where(finite, g, jnp.zeros_like(g))
+    g = jnp.where(finite, g, jnp.zeros_like(g)) * scale.astype(g.dtype)
     m = one_b1.astype(g.dtype) * g + b1_.astype(m.dtype) * m
     v = one_b2.astype(g.dtype) * g ** 2 + b2_.astype(v.dtype) * v
     u = (m / correct1.astype(m.dtype)) / (jnp.sqrt(v / correct2.astype(v.dtype) + 0.0) + eps)
