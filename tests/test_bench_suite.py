@@ -7,7 +7,8 @@ from ecdit.bench import flops, suite
 from ecdit.models.config import ModelConfig
 
 KEYS = ('peak_gflops', 'mfu', 'achieved_gflops', 'ec_over_dense_train', 'ec_over_dense_infer',
-        'ec_overhead_theory', 'e64_over_e8', 'gather_over_onehot', 'tc_over_ec')
+        'ec_overhead_theory', 'e64_over_e8', 'gather_over_onehot', 'tc_over_ec', 'stream_gbps',
+        'e64_over_e8_floor')
 
 
 def test_dense_flops_by_hand():

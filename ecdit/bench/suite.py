@@ -17,6 +17,10 @@ Keys (see docs/performance.md):
   ec_over_dense_train/_infer, ec_overhead_theory
                         EC f_c=1 (per image) over dense of the same width/depth; theory = forward FLOPs ratio.
   e64_over_e8           EC f_c=2 train step, 64 experts over 8.
+  stream_gbps           measured memory bandwidth: jitted, donated `a = 0.5·a + b` over 1 GiB arrays (beyond the last-level cache)
+                        (12 bytes per element moved).
+  e64_over_e8_floor     the least e64_over_e8 this machine allows at float32: the E=8 step plus the extra bytes
+                        E=64 must move (`extra_param_bytes`) at stream_gbps, over the E=8 step.
   gather_over_onehot    {S: {time, memory}} for the MoE FFN alone at group sizes S (ecdit.bench.routing).
   tc_over_ec            token choice top-2 (capacity factor 1, so C = 2·S/E) over EC f_c=2 (C = 2·S/E):
                         equal activated expert compute.
@@ -86,6 +90,11 @@ def _batch(cfg: ModelConfig, batch: int) -> dict:
               text_mask=jnp.asarray(np.arange(L)[None, :] < r.randint(L // 2, L + 1, (batch, 1))))
 
 
+def _param_count(cfg: ModelConfig) -> int:
+  from ecdit.models.ecdit import abstract_params, build_model
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(nn.unbox(abstract_params(build_model(cfg))))))
+
+
 def build_case(name: str, cfg: ModelConfig, batch: int, with_infer: bool = True) -> Case:
   """Compiles the train step and the forward of `cfg` for `batch` images."""
   from ecdit.models.ecdit import build_model, init_params
@@ -133,6 +142,32 @@ def peak_gflops(n: int = 2048, warmup: int = 2, reps: int = 5) -> float:
   return 2 * n ** 3 / (ms * 1e-3) / 1e9
 
 
+def stream_gbps(mib: int = 1024, warmup: int = 2, reps: int = 5) -> float:
+  """Memory bandwidth as the train step's update loops see it: `a ← 0.5·a + b`, a donated (in place)."""
+  n = mib * 2 ** 20 // 4
+  b = jnp.ones((n,), jnp.float32)
+  fn = jax.jit(lambda a, b: 0.5 * a + b, donate_argnums=(0,))
+  holder = {'a': jnp.ones((n,), jnp.float32)}
+
+  def step():
+    holder['a'] = fn(holder['a'], b)
+    return holder['a']
+  step()
+  ms = _time_interleaved({'stream': step}, (), warmup, reps)['stream']
+  return 12 * n / (ms * 1e-3) / 1e9
+
+
+# Bytes moved per extra float32 parameter per train step, at least: the fused update's four loops read and
+# write 13 parameter-sized arrays (m: g,m→m; v: g,v→v; params: p,m,v→p; EMA: e,p→e), and an expert weight is
+# read in the forward and in the backward pass and its gradient written once.
+UPDATE_ARRAYS_PER_PARAM = 13
+EXPERT_WEIGHT_PASSES = 3
+
+
+def extra_param_bytes(params_small: int, params_large: int) -> int:
+  return (params_large - params_small) * 4 * (UPDATE_ARRAYS_PER_PARAM + EXPERT_WEIGHT_PASSES)
+
+
 def time_cases(cases: list[Case], warmup: int, reps: int, mode: str = 'train') -> dict[str, float]:
   """Median ms per call, the cases taking turns within each rep."""
   fns = {c.name: getattr(c, mode) for c in cases}
@@ -159,6 +194,8 @@ def run(suite: str = 'quick', json_path: str | None = None, *, batch: int | None
 
   peak = peak_gflops(s['peak_n'], warmup=max(2, warmup), reps=max(5, reps))
   log(f'  peak: {peak:.1f} GFLOP/s ({s["peak_n"]}² f32 matmul)')
+  stream = stream_gbps(warmup=max(2, warmup), reps=max(5, reps))
+  log(f'  stream: {stream:.1f} GB/s')
 
   cfgs = {
       'ec_fc2_e8': bench_config(**over),
@@ -195,6 +232,9 @@ def run(suite: str = 'quick', json_path: str | None = None, *, batch: int | None
   tc_over_ec = pair_tc['tc_top2'] / pair_tc['ec_fc2_e8']
 
   model_flops = {k: flops_lib.train_step_flops(c, B) for k, c in cfgs.items()}
+  n_params = {k: _param_count(c) for k, c in cfgs.items()}
+  extra_bytes = extra_param_bytes(n_params['ec_fc2_e8'], n_params['ec_fc2_e64'])
+  e64_floor = 1 + extra_bytes / (stream * 1e9) / (train_ms['ec_fc2_e8'] * 1e-3)
   main = 'ec_fc2_e8'
   achieved = model_flops[main] / (train_ms[main] * 1e-3) / 1e9
   theory = flops_lib.forward_flops(cfgs['ec_fc1_e8'], B) / flops_lib.forward_flops(cfgs['dense'], B)
@@ -221,6 +261,7 @@ def run(suite: str = 'quick', json_path: str | None = None, *, batch: int | None
       ec_over_dense_infer=infer_ms['ec_fc1_e8'] / infer_ms['dense'],
       ec_overhead_theory=theory,
       e64_over_e8=train_ms['ec_fc2_e64'] / train_ms['ec_fc2_e8'],
+      stream_gbps=stream, e64_over_e8_floor=e64_floor, extra_param_bytes=extra_bytes, params=n_params,
       gather_over_onehot=gather_over_onehot,
       tc_over_ec=tc_over_ec,
       train_ms=train_ms, infer_ms=infer_ms,
@@ -253,6 +294,8 @@ def format_table(r: dict) -> str:
            f'| ec_overhead_theory | {r["ec_overhead_theory"]:.3f} | activated forward FLOPs ratio |',
            f'| e64_over_e8 | {r["e64_over_e8"]:.3f} | EC f_c=2 train step, {r["train_ms"]["ec_fc2_e64"]:.0f} / '
            f'{r["train_ms"]["ec_fc2_e8"]:.0f} ms |',
+           f'| e64_over_e8_floor | {r["e64_over_e8_floor"]:.3f} | E=8 step + {r["extra_param_bytes"] / 1e9:.1f} GB '
+           f'more traffic at {r["stream_gbps"]:.1f} GB/s |',
            f'| tc_over_ec | {r["tc_over_ec"]:.3f} | token choice top-2 (f=1) / EC f_c=2, '
            f'{r["train_ms"]["tc_top2"]:.0f} / {r["train_ms"]["ec_fc2_e8_beside_tc"]:.0f} ms |']
   for g, v in r['gather_over_onehot'].items():
