@@ -60,3 +60,18 @@ def test_suite_smoke(tmp_path):
   assert r['peak_gflops'] > 0 and 0 < r['mfu'] and r['achieved_gflops'] > 0
   assert abs(r['ec_overhead_theory'] - 1) < 0.1
   assert any('| mfu |' in line for line in lines)
+
+
+def test_profile_summary_on_hand_made_trace():
+  from ecdit.bench import profile
+  hlo = ('%ynn_fusion.3 = f32[8,16] fusion(%a), metadata={op_name="jit(train_step)/jvp(ECDiT)/block_3/ffn/wi/dot_general"}\n'
+         '%multiply_add_fusion.1 = f32[8] fusion(%b), metadata={op_name="jit(train_step)/add"}\n')
+  names = profile.op_names(hlo)
+  assert names == {'ynn_fusion.3': 'jvp(ECDiT)/ffn/wi/dot_general', 'multiply_add_fusion.1': 'add'}
+  events = [dict(ph='X', name='ynn_fusion.3', dur=3000), dict(ph='X', name='ynn_fusion.3', dur=1000),
+            dict(ph='X', name='multiply_add_fusion.1', dur=2000), dict(ph='X', name='ThunkExecutor::Execute', dur=9e6),
+            dict(ph='i', name='ynn_fusion.3'), dict(ph='X', name='dot.7', dur=2000)]
+  by_kind, by_name, total = profile.summarize(events, names, steps=2)
+  assert by_kind == {'ynn_fusion': 2.0, 'multiply_add_fusion': 1.0, 'dot': 1.0}
+  assert by_name == {'jvp(ECDiT)/ffn/wi/dot_general': 2.0, 'add': 1.0, '(unnamed)': 1.0}
+  assert total == 4.0

@@ -79,6 +79,7 @@ class Case:
   infer: Callable[[], jax.Array]     # one forward pass
   compile_s: float
   xla_flops: float                   # XLA's cost_analysis of the compiled train step (reference only)
+  hlo_text: str = ''                 # the compiled train step's HLO (for `ecdit bench profile`)
 
 
 def _batch(cfg: ModelConfig, batch: int) -> dict:
@@ -129,7 +130,7 @@ def build_case(name: str, cfg: ModelConfig, batch: int, with_infer: bool = True)
 
   def infer_fn():
     return fwd_c(infer_params, data['image'], t, data['text_states'], data['text_mask'])
-  return Case(name, cfg, train_fn, infer_fn, compile_s, xla_flops)
+  return Case(name, cfg, train_fn, infer_fn, compile_s, xla_flops, compiled.as_text())
 
 
 # ---- the measurements -----------------------------------------------------------------------------------
