@@ -40,18 +40,23 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: ja
   if h % kv:
     raise ValueError(f'attention: {h} query heads are not a multiple of {kv} key/value heads')
   groups = h // kv
+  # Heads-major layout: the G query heads that share a key/value head are stacked along the query axis, so
+  # both products are plain batched matmuls over (B, KV) with the contracted axis last; on XLA:CPU this is
+  # ~35% faster forward+backward than contracting in the `[B, Lq, KV, G, hd]` layout (docs/performance.md).
   # Scale q, not the logits: Lq·hd elements instead of Lq·Lk (and exact when hd is a power of 4).
-  qg = q.reshape(b, lq, kv, groups, hd).astype(jnp.float32) * jnp.float32(1.0 / hd ** 0.5)
-  logits = jnp.einsum('bqkgd,bskd->bkgqs', qg, k.astype(jnp.float32))
+  qh = q.reshape(b, lq, kv, groups, hd).astype(jnp.float32) * jnp.float32(1.0 / hd ** 0.5)
+  qh = qh.transpose(0, 2, 3, 1, 4).reshape(b, kv, groups * lq, hd)
+  kh = jnp.swapaxes(k.astype(jnp.float32), 1, 2)                    # [B, KV, Lk, hd]
+  vh = jnp.swapaxes(v.astype(jnp.float32), 1, 2)
+  logits = jnp.einsum('bkqd,bksd->bkqs', qh, kh)                     # [B, KV, G·Lq, Lk]
   if key_mask is not None:
-    m = key_mask[:, None, None, None, :]
-    logits = jnp.where(m, logits, jnp.finfo(jnp.float32).min)
+    logits = jnp.where(key_mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
   probs = _softmax(logits)
   if key_mask is not None:
     # All-masked rows: softmax over uniform -inf-ish logits is uniform; zero them out explicitly.
-    probs = probs * jnp.any(key_mask, axis=-1)[:, None, None, None, None].astype(probs.dtype)
-  out = jnp.einsum('bkgqs,bskd->bqkgd', probs, v.astype(jnp.float32))
-  return out.reshape(b, lq, h, hd).astype(q.dtype)
+    probs = probs * jnp.any(key_mask, axis=-1)[:, None, None, None].astype(probs.dtype)
+  out = jnp.einsum('bkqs,bksd->bkqd', probs, vh).reshape(b, kv, groups, lq, hd)
+  return out.transpose(0, 3, 1, 2, 4).reshape(b, lq, h, hd).astype(q.dtype)
 
 
 class Attention(nn.Module):
