@@ -8,7 +8,7 @@ from ecdit.models.config import ModelConfig
 
 KEYS = ('peak_gflops', 'mfu', 'achieved_gflops', 'ec_over_dense_train', 'ec_over_dense_infer',
         'ec_overhead_theory', 'e64_over_e8', 'gather_over_onehot', 'tc_over_ec', 'stream_gbps',
-        'e64_over_e8_floor')
+        'e64_over_e8_floor', 'peak_gflops_start', 'mfu_start')
 
 
 def test_dense_flops_by_hand():
@@ -58,6 +58,8 @@ def test_suite_smoke(tmp_path):
   assert set(on_disk['gather_over_onehot']) == {'256', '512'}
   assert set(on_disk['gather_over_onehot']['256']) == {'time', 'memory'}
   assert r['peak_gflops'] > 0 and 0 < r['mfu'] and r['achieved_gflops'] > 0
+  assert r['mfu'] == pytest.approx(r['achieved_gflops'] / r['peak_gflops'])
+  assert r['mfu_start'] == pytest.approx(r['achieved_gflops'] / r['peak_gflops_start'])
   assert abs(r['ec_overhead_theory'] - 1) < 0.1
   assert any('| mfu |' in line for line in lines)
 
@@ -75,3 +77,15 @@ def test_profile_summary_on_hand_made_trace():
   assert by_kind == {'ynn_fusion': 2.0, 'multiply_add_fusion': 1.0, 'dot': 1.0}
   assert by_name == {'jvp(ECDiT)/ffn/wi/dot_general': 2.0, 'add': 1.0, '(unnamed)': 1.0}
   assert total == 4.0
+
+
+def test_parts_smoke():
+  from ecdit.bench import parts
+  tiny = dict(image_size=8, width=32, depth=2, num_heads=2, text_length=4, text_states_dim=16)
+  lines = []
+  r = parts.run((2, 4), batch=2, reps=1, warmup=1, model_overrides=tiny, log=lines.append)
+  assert set(r['update_ms']) == {'dense', 'ec_e2', 'ec_e4'}
+  # EC layers hold E full-width experts: more parameters than dense, growing with E.
+  assert r['params']['dense'] < r['params']['ec_e2'] < r['params']['ec_e4']
+  assert len(r['matmul_gflops']) == 6 and all(v > 0 for v in r['matmul_gflops'].values())
+  assert any('rows/expert' in line for line in lines)

@@ -3,7 +3,9 @@
 Benchmarks: routing (gather vs one-hot MoE dispatch), mesh (train step on 1 vs 8 simulated devices),
 suite (`--suite=quick|full --json=FILE`: peak matmul GFLOP/s, MFU, EC vs dense, E=64 vs 8, gather vs one-hot,
 token vs expert choice, in one process; see ecdit/bench/suite.py), profile (one traced train step of the
-suite's model: time by HLO op kind and by model op, `--batch`, first of `--experts`),
+suite's model: time by HLO op kind and by model op, `--batch`, first of `--experts`), parts (the update alone
+on dense/EC parameter trees and the expert matmuls alone at each of `--experts`: where EC's and E=64's extra
+step time goes),
 data (dataset generation and input pipeline throughput; its own flags follow `--`, e.g. `ecdit bench data -- --num_examples=5000`). `--quick` shrinks the work to fit a few minutes on a
 small CPU machine. Numbers are only comparable within one run (ratios); the machine may be shared and noisy.
 """
@@ -19,7 +21,7 @@ _WARMUP = flags.DEFINE_integer('warmup', 1, 'untimed runs per case after compili
 _EXPERTS = flags.DEFINE_list('experts', ['8', '64'], 'expert counts E to measure')
 _SUITE = flags.DEFINE_enum('suite', 'quick', ['quick', 'full'], 'suite: which sizes (quick fits a few minutes)')
 _JSON = flags.DEFINE_string('json', None, 'suite: write the results to this JSON file')
-_BATCH = flags.DEFINE_integer('batch', 8, 'profile: images per train step')
+_BATCH = flags.DEFINE_integer('batch', 8, 'profile, parts: images per train step')
 _GROUPS = flags.DEFINE_list('group_sizes', ['256', '1024', '4096'],
                             'routing-group sizes S (multiples of 256 dividing --tokens)')
 
@@ -66,7 +68,19 @@ def _profile(extra_args):
   profile.run(batch=_BATCH.value, experts=int(_EXPERTS.value[0]))
 
 
-BENCHMARKS = {'routing': _routing, 'data': _data, 'mesh': _mesh, 'suite': _suite, 'profile': _profile}
+def _parts(extra_args):
+  from ecdit.bench import parts  # pylint: disable=import-outside-toplevel
+  if extra_args:
+    raise app.UsageError(f'unexpected arguments {extra_args} for the parts benchmark')
+  try:
+    experts = [int(v) for v in _EXPERTS.value]
+  except ValueError:
+    raise app.UsageError(f'--experts={",".join(_EXPERTS.value)} is invalid: expected integers') from None
+  parts.run(experts, batch=_BATCH.value, reps=_REPS.value or 5)
+
+
+BENCHMARKS = {'routing': _routing, 'data': _data, 'mesh': _mesh, 'suite': _suite, 'profile': _profile,
+              'parts': _parts}
 
 
 def main(argv):
