@@ -6,15 +6,15 @@
 2. The expert matmuls alone, in the shapes one MoE layer of the suite's model gives them at f_c=2
    (`[E, G·C, d] @ [E, d, 4d]` with G·C = batch · 2 · tokens / E rows per expert): forward `X·W`, input
    gradient `dH·Wᵀ` and weight gradient `Xᵀ·dH`, each as GFLOP/s. Fewer rows per expert (more experts at a
-   fixed f_c) is what makes the weight gradient slow on XLA:CPU.
+   fixed f_c) makes all three slower on XLA:CPU, the weight gradient most.
 
 All cases take turns within each rep (`routing._time_interleaved`); medians in ms. docs/performance.md reads it.
 """
 from __future__ import annotations
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import optax
 
 from ecdit.bench import suite
 from ecdit.bench.routing import _time_interleaved
@@ -22,19 +22,13 @@ from ecdit.bench.routing import _time_interleaved
 
 def _update_fn(cfg):
   """A no-argument function running one fused AdamW + EMA update in place on `cfg`'s parameters."""
-  from ecdit.models.ecdit import build_model, init_params  # pylint: disable=import-outside-toplevel
-  from ecdit.train import optim, update  # pylint: disable=import-outside-toplevel
-  from ecdit.train import state as state_lib  # pylint: disable=import-outside-toplevel
-  tcfg = suite._train_cfg(8).train  # pylint: disable=protected-access
-  model = build_model(cfg)
-  tx, lr = optim.make_optimizer(tcfg), optim.schedule(tcfg)
-  params = nn.unbox(jax.jit(lambda k: init_params(model, k))(jax.random.key(0)))
-  st = state_lib.create(params, tx, seed=0)
+  from ecdit.train import update  # pylint: disable=import-outside-toplevel
+  _, tcfg, _, lr, params, st = suite.init_train_state(cfg, batch=8)
   grads = jax.tree.map(lambda p: jnp.full_like(p, 1e-3), params)
 
   def step(p, opt, ema, g):
-    norm = jnp.sqrt(sum(jnp.sum(x * x) for x in jax.tree.leaves(g)))
-    return update.fused_adamw_ema(tcfg, lr, g, norm, jnp.isfinite(norm), p, opt, ema, 0.999)
+    norm = optax.global_norm(g)
+    return update.fused_adamw_ema(tcfg.train, lr, g, norm, jnp.isfinite(norm), p, opt, ema, 0.999)
   jitted = jax.jit(step, donate_argnums=(0, 1, 2))
   holder = {'s': (st.params, st.opt_state, st.ema_params)}
 
@@ -62,7 +56,8 @@ def run(experts=(8, 64), batch: int = 8, reps: int = 5, warmup: int = 1, model_o
   d, h = m['width'], m['width'] * m.get('mlp_ratio', 4)
   tokens = (m['image_size'] // m['patch_size']) ** 2
   out = {'update_ms': {}, 'params': {}, 'matmul_ms': {}, 'matmul_gflops': {}}
-  # Update: one case at a time beside the dense one (the E=64 state is several GB).
+  # Update: one EC case at a time in turns with the dense one (the E=64 state is several GB); the dense
+  # figure kept is that of the last pair.
   dense_fn, out['params']['dense'] = _update_fn(suite.bench_config(**{**over, 'routing': 'dense'}))
   for e in experts:
     fn, out['params'][f'ec_e{e}'] = _update_fn(suite.bench_config(**{**over, 'num_experts': e}))
@@ -72,7 +67,8 @@ def run(experts=(8, 64), batch: int = 8, reps: int = 5, warmup: int = 1, model_o
   log('update alone (fused AdamW + EMA, in place):')
   for k, ms in out['update_ms'].items():
     n = out['params'][k]
-    log(f'  {k:8s} {n / 1e6:7.1f} M params  {ms:8.1f} ms  {n * 4 * 13 / ms / 1e6:6.1f} GB/s (13 arrays)')
+    arrays = suite.UPDATE_ARRAYS_PER_PARAM
+    log(f'  {k:8s} {n / 1e6:7.1f} M params  {ms:8.1f} ms  {n * 4 * arrays / ms / 1e6:6.1f} GB/s ({arrays} arrays)')
   log(f'expert matmuls of one MoE layer at f_c=2, batch {batch} ({tokens} tokens/image, d={d}, hidden {h}):')
   for e in experts:
     rows = batch * 2 * tokens // e

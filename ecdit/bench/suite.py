@@ -97,17 +97,22 @@ def _param_count(cfg: ModelConfig) -> int:
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(nn.unbox(abstract_params(build_model(cfg))))))
 
 
-def build_case(name: str, cfg: ModelConfig, batch: int, with_infer: bool = True) -> Case:
-  """Compiles the train step and the forward of `cfg` for `batch` images."""
+def init_train_state(cfg: ModelConfig, batch: int):
+  """`(model, train config, optimizer, lr schedule, params, train state)` of `cfg`, initialised from seed 0."""
   from ecdit.models.ecdit import build_model, init_params
   from ecdit.train import optim
   from ecdit.train import state as state_lib
-  from ecdit.train.step import make_train_step
   tcfg = _train_cfg(batch)
   model = build_model(cfg)
   tx, lr = optim.make_optimizer(tcfg.train), optim.schedule(tcfg.train)
   params = nn.unbox(jax.jit(lambda k: init_params(model, k))(jax.random.key(0)))
-  state = state_lib.create(params, tx, seed=0)
+  return model, tcfg, tx, lr, params, state_lib.create(params, tx, seed=0)
+
+
+def build_case(name: str, cfg: ModelConfig, batch: int, with_infer: bool = True) -> Case:
+  """Compiles the train step and the forward of `cfg` for `batch` images."""
+  from ecdit.train.step import make_train_step
+  model, tcfg, tx, lr, params, state = init_train_state(cfg, batch)
   data = _batch(cfg, batch)
   t0 = time.perf_counter()
   step = jax.jit(make_train_step(model, tx, lr, tcfg, cfg.patch_size), donate_argnums=(0,))
