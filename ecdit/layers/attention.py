@@ -30,6 +30,49 @@ def _softmax(logits: jax.Array) -> jax.Array:
   return e * (1.0 / jnp.sum(e, axis=-1, keepdims=True))
 
 
+def _probs(qh: jax.Array, kh: jax.Array, key_mask: jax.Array | None) -> jax.Array:
+  """Attention weights `[B, KV, G·Lq, Lk]` of heads-major (already scaled) queries and keys; rows with no
+  valid key are all zero."""
+  logits = jnp.einsum('bkqd,bksd->bkqs', qh, kh)
+  if key_mask is not None:
+    logits = jnp.where(key_mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
+  probs = _softmax(logits)
+  if key_mask is not None:
+    # All-masked rows: softmax over uniform -inf-ish logits is uniform; zero them out explicitly.
+    probs = probs * jnp.any(key_mask, axis=-1)[:, None, None, None].astype(probs.dtype)
+  return probs
+
+
+# Differentiated as written, the forward must keep the logits-sized softmax intermediates for the backward,
+# which splits it into separate max/exp/sum passes; inference runs the same math as a few fused ops. So the
+# backward recomputes the weights from q and k (FlashAttention's trade: one extra QKᵀ in the backward, no
+# `B·H·Lq·Lk` residuals) — self-attention fwd+bwd 33 → 22 ms at the bench shape (docs/performance.md).
+@jax.custom_vjp
+def _attend(qh: jax.Array, kh: jax.Array, vh: jax.Array, key_mask: jax.Array | None) -> jax.Array:
+  """Heads-major float32 attention: `[B, KV, G·Lq, hd]` queries (scaled), `[B, KV, Lk, hd]` keys/values."""
+  return jnp.einsum('bkqs,bksd->bkqd', _probs(qh, kh, key_mask), vh)
+
+
+def _attend_fwd(qh, kh, vh, key_mask):
+  out = _attend(qh, kh, vh, key_mask)
+  return out, (qh, kh, vh, key_mask, out)
+
+
+def _attend_bwd(residuals, d_out):
+  qh, kh, vh, key_mask, out = residuals
+  probs = _probs(qh, kh, key_mask)
+  d_v = jnp.einsum('bkqs,bkqd->bksd', probs, d_out)
+  d_probs = jnp.einsum('bkqd,bksd->bkqs', d_out, vh)
+  # Softmax backward: dS = P·(dP − rowsum(P·dP)), and rowsum(P·dP) = rowsum(dO·O) is Lq·hd work, not Lq·Lk.
+  d_logits = probs * (d_probs - jnp.sum(d_out * out, axis=-1, keepdims=True))
+  d_q = jnp.einsum('bkqs,bksd->bkqd', d_logits, kh)
+  d_k = jnp.einsum('bkqs,bkqd->bksd', d_logits, qh)
+  return d_q, d_k, d_v, None
+
+
+_attend.defvjp(_attend_fwd, _attend_bwd)
+
+
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array | None = None
                           ) -> jax.Array:
   """q `[B, Lq, H, hd]`, k/v `[B, Lk, KV, hd]` with KV dividing H, key_mask bool `[B, Lk]` (True = attend).
@@ -48,14 +91,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: ja
   qh = qh.transpose(0, 2, 3, 1, 4).reshape(b, kv, groups * lq, hd)
   kh = jnp.swapaxes(k.astype(jnp.float32), 1, 2)                    # [B, KV, Lk, hd]
   vh = jnp.swapaxes(v.astype(jnp.float32), 1, 2)
-  logits = jnp.einsum('bkqd,bksd->bkqs', qh, kh)                     # [B, KV, G·Lq, Lk]
-  if key_mask is not None:
-    logits = jnp.where(key_mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
-  probs = _softmax(logits)
-  if key_mask is not None:
-    # All-masked rows: softmax over uniform -inf-ish logits is uniform; zero them out explicitly.
-    probs = probs * jnp.any(key_mask, axis=-1)[:, None, None, None].astype(probs.dtype)
-  out = jnp.einsum('bkqs,bksd->bkqd', probs, vh).reshape(b, kv, groups, lq, hd)
+  out = _attend(qh, kh, vh, key_mask).reshape(b, kv, groups, lq, hd)
   return out.transpose(0, 3, 1, 2, 4).reshape(b, lq, h, hd).astype(q.dtype)
 
 
