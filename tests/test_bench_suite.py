@@ -62,6 +62,16 @@ def test_suite_smoke(tmp_path):
   assert r['mfu_start'] == pytest.approx(r['achieved_gflops'] / r['peak_gflops_start'])
   assert abs(r['ec_overhead_theory'] - 1) < 0.1
   assert any('| mfu |' in line for line in lines)
+  try:
+    import torch  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+  except ImportError:
+    assert r['torch'] is None and r['peak_gflops_blas'] is None
+  else:
+    t = r['torch']
+    assert set(t['train_ms']) == set(t['jax_over_torch_train']) == {'dense', 'ec_fc2_e8'}
+    assert t['jax_over_torch_train']['dense'] == pytest.approx(r['train_ms']['dense'] / t['train_ms']['dense'])
+    assert r['mfu_blas'] == pytest.approx(r['achieved_gflops'] / r['peak_gflops_blas'])
+    assert any('jax_over_torch_train[dense]' in line for line in lines)
 
 
 def test_profile_summary_on_hand_made_trace():
@@ -89,3 +99,32 @@ def test_parts_smoke():
   assert r['params']['dense'] < r['params']['ec_e2'] < r['params']['ec_e4']
   assert len(r['matmul_gflops']) == 6 and all(v > 0 for v in r['matmul_gflops'].values())
   assert any('rows/expert' in line for line in lines)
+
+
+def test_torch_calibration_step_is_the_jax_model_and_updates():
+  """The PyTorch calibration trains the same model: its initial forward is the JAX forward on the same weights,
+  and a step moves the parameters and the EMA (by exactly 1 − decay of the step, from the initial weights)."""
+  torch = pytest.importorskip('torch')
+  import jax.numpy as jnp
+  import numpy as np
+
+  from ecdit.bench import torch_calibration
+  cfg = suite.bench_config(image_size=8, width=32, depth=2, num_heads=2, num_experts=4, text_length=4,
+                           text_states_dim=16)
+  model, params = suite.initial_params(cfg)
+  batch = suite._batch(cfg, 2)   # pylint: disable=protected-access
+  step = torch_calibration.TrainStep(cfg, params, batch, suite._train_cfg(2))  # pylint: disable=protected-access
+  t = np.array([0.3, 0.8], np.float32)
+  want = model.apply({'params': params}, batch['image'], jnp.asarray(t), batch['text_states'], batch['text_mask'])
+  with torch.no_grad():
+    got = step.model(torch.from_numpy(np.array(batch['image'])), torch.from_numpy(t),
+                     torch.from_numpy(np.array(batch['text_states'])), torch.from_numpy(np.array(batch['text_mask'])))
+  np.testing.assert_allclose(got.numpy(), np.asarray(want), atol=1e-5)
+  before = [p.detach().clone() for p in step.model.parameters()]
+  loss = step()
+  assert np.isfinite(loss)
+  after = list(step.model.parameters())
+  assert any(not torch.equal(a, b) for a, b in zip(before, after))
+  decay = step.train_cfg.ema_decay
+  for b, a, e in zip(before, after, step.ema):
+    torch.testing.assert_close(e, b + (1 - decay) * (a.detach() - b), rtol=1e-5, atol=1e-7)

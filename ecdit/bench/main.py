@@ -2,7 +2,8 @@
 
 Benchmarks: routing (gather vs one-hot MoE dispatch), mesh (train step on 1 vs 8 simulated devices),
 suite (`--suite=quick|full --json=FILE`: peak matmul GFLOP/s, MFU, EC vs dense, E=64 vs 8, gather vs one-hot,
-token vs expert choice, in one process; see ecdit/bench/suite.py), profile (one traced train step of the
+token vs expert choice, and the same model trained in PyTorch beside it (`--notorch` skips that), in one
+process; see ecdit/bench/suite.py), profile (one traced train step of the
 suite's model: time by HLO op kind and by model op, `--batch`, first of `--experts`), parts (the update alone
 on dense/EC parameter trees and the expert matmuls alone at each of `--experts`: where EC's and E=64's extra
 step time goes),
@@ -21,6 +22,8 @@ _WARMUP = flags.DEFINE_integer('warmup', 1, 'untimed runs per case after compili
 _EXPERTS = flags.DEFINE_list('experts', ['8', '64'], 'expert counts E to measure')
 _SUITE = flags.DEFINE_enum('suite', 'quick', ['quick', 'full'], 'suite: which sizes (quick fits a few minutes)')
 _JSON = flags.DEFINE_string('json', None, 'suite: write the results to this JSON file')
+_TORCH = flags.DEFINE_bool('torch', True, 'suite: also train the same model in PyTorch, in turns with the JAX '
+                           'steps (needs the [torch] extra; skipped with a note when torch is missing)')
 _BATCH = flags.DEFINE_integer('batch', 8, 'profile, parts: images per train step')
 _GROUPS = flags.DEFINE_list('group_sizes', ['256', '1024', '4096'],
                             'routing-group sizes S (multiples of 256 dividing --tokens)')
@@ -58,7 +61,7 @@ def _suite(extra_args):
   from ecdit.bench import suite  # pylint: disable=import-outside-toplevel
   if extra_args:
     raise app.UsageError(f'unexpected arguments {extra_args} for the suite benchmark')
-  suite.run(_SUITE.value, _JSON.value, reps=_REPS.value)
+  suite.run(_SUITE.value, _JSON.value, reps=_REPS.value, torch=_TORCH.value)
 
 
 def _profile(extra_args):

@@ -25,6 +25,11 @@ Keys (see docs/performance.md):
   gather_over_onehot    {S: {time, memory}} for the MoE FFN alone at group sizes S (ecdit.bench.routing).
   tc_over_ec            token choice top-2 (capacity factor 1, so C = 2·S/E) over EC f_c=2 (C = 2·S/E):
                         equal activated expert compute.
+  torch, peak_gflops_blas, mfu_blas
+                        PyTorch calibration (ecdit.bench.torch_calibration, when torch is installed): the dense
+                        and EC f_c=2 models trained in plain PyTorch (`torch.train_ms`), over the JAX steps
+                        (`torch.jax_over_torch_train`), and the 2048² matmul in torch (BLAS), timed in turns in
+                        a block of their own after the JAX cases.
 """
 from __future__ import annotations
 
@@ -97,16 +102,28 @@ def _param_count(cfg: ModelConfig) -> int:
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(nn.unbox(abstract_params(build_model(cfg))))))
 
 
+def initial_params(cfg: ModelConfig):
+  """`(model, params)` of `cfg`, initialised from seed 0 (unboxed)."""
+  from ecdit.models.ecdit import build_model, init_params
+  model = build_model(cfg)
+  return model, nn.unbox(jax.jit(lambda k: init_params(model, k))(jax.random.key(0)))
+
+
 def init_train_state(cfg: ModelConfig, batch: int):
   """`(model, train config, optimizer, lr schedule, params, train state)` of `cfg`, initialised from seed 0."""
-  from ecdit.models.ecdit import build_model, init_params
   from ecdit.train import optim
   from ecdit.train import state as state_lib
   tcfg = _train_cfg(batch)
-  model = build_model(cfg)
+  model, params = initial_params(cfg)
   tx, lr = optim.make_optimizer(tcfg.train), optim.schedule(tcfg.train)
-  params = nn.unbox(jax.jit(lambda k: init_params(model, k))(jax.random.key(0)))
   return model, tcfg, tx, lr, params, state_lib.create(params, tx, seed=0)
+
+
+def torch_train_step(cfg: ModelConfig, batch: int) -> Callable[[], float]:
+  """The PyTorch calibration step of `cfg` (ecdit.bench.torch_calibration) on the suite's batch and weights."""
+  from ecdit.bench import torch_calibration
+  _, params = initial_params(cfg)
+  return torch_calibration.TrainStep(cfg, params, _batch(cfg, batch), _train_cfg(batch))
 
 
 def build_case(name: str, cfg: ModelConfig, batch: int, with_infer: bool = True) -> Case:
@@ -197,8 +214,9 @@ def time_cases(cases: list[Case], warmup: int, reps: int, mode: str = 'train', e
 
 def run(suite: str = 'quick', json_path: str | None = None, *, batch: int | None = None, reps: int | None = None,
         warmup: int | None = None, routing_tokens: int | None = None, group_sizes=(256, 1024, 4096),
-        peak_n: int | None = None, model_overrides: dict | None = None, log=print) -> dict:
-  """Runs the whole suite; prints a table through `log`, writes `json_path` if given, returns the dict."""
+        peak_n: int | None = None, model_overrides: dict | None = None, torch: bool = True, log=print) -> dict:
+  """Runs the whole suite; prints a table through `log`, writes `json_path` if given, returns the dict.
+  `torch`: also time the PyTorch calibration (when torch is installed)."""
   if suite not in SUITES:
     raise ValueError(f'--suite={suite!r} is invalid: expected one of {sorted(SUITES)}')
   s = dict(SUITES[suite])
@@ -244,6 +262,10 @@ def run(suite: str = 'quick', json_path: str | None = None, *, batch: int | None
       infer_ms.update(ims)
     return ms
 
+  from ecdit.bench import torch_calibration
+  with_torch = torch and torch_calibration.available()
+  if torch and not with_torch:
+    log('  torch is not installed: no PyTorch calibration (pip install -e \'.[torch]\')')
   pair = measure_group(['ec_fc1_e8', 'dense'], infer=True)
   train_ms.update(pair)
   pair = measure_group(['ec_fc2_e8', 'ec_fc2_e64'])
@@ -254,6 +276,17 @@ def run(suite: str = 'quick', json_path: str | None = None, *, batch: int | None
   pair_tc = measure_group(['ec_fc2_e8', 'tc_top2'], extra={'peak_matmul': peak_fn})
   peak = peak_flops / (pair_tc.pop('peak_matmul') * 1e-3) / 1e9
   log(f'  peak beside the train steps: {peak:.1f} GFLOP/s')
+  peak_blas, torch_ms = None, {}
+  if with_torch:
+    # A block of their own: a JAX step timed right after a PyTorch step ran 10-35% slower (the allocator's and
+    # the caches' state, not thread spinning: a pause does not help), so torch does not join the JAX turns.
+    blas_fn, blas_flops = torch_calibration.peak_matmul(s['peak_n'])
+    torch_ms = _time_interleaved({'dense': torch_train_step(cfgs['dense'], B),
+                                  'ec_fc2_e8': torch_train_step(cfgs['ec_fc2_e8'], B),
+                                  'peak_matmul_blas': blas_fn}, (), warmup, reps)
+    peak_blas = blas_flops / (torch_ms.pop('peak_matmul_blas') * 1e-3) / 1e9
+    log('  PyTorch train ms: ' + ', '.join(f'{k} {v:.1f}' for k, v in torch_ms.items())
+        + f'; peak (torch/BLAS) {peak_blas:.1f} GFLOP/s')
   train_ms['tc_top2'] = pair_tc['tc_top2']
   train_ms['ec_fc2_e8_beside_tc'] = pair_tc['ec_fc2_e8']
   tc_over_ec = pair_tc['tc_top2'] / pair_tc['ec_fc2_e8']
@@ -266,6 +299,15 @@ def run(suite: str = 'quick', json_path: str | None = None, *, batch: int | None
   # The EC step timed in turns with the peak matmul (the same compiled step as in the E=64 pair).
   achieved = model_flops[main] / (train_ms['ec_fc2_e8_beside_tc'] * 1e-3) / 1e9
   theory = flops_lib.forward_flops(cfgs['ec_fc1_e8'], B) / flops_lib.forward_flops(cfgs['dense'], B)
+
+  torch_result = None
+  if with_torch:
+    import torch as torch_lib  # pylint: disable=import-outside-toplevel
+    jax_ms = {'dense': train_ms['dense'], 'ec_fc2_e8': train_ms['ec_fc2_e8_beside_tc']}
+    torch_result = dict(
+        version=torch_lib.__version__, threads=torch_lib.get_num_threads(), train_ms=torch_ms,
+        achieved_gflops={k: model_flops[k] / (v * 1e-3) / 1e9 for k, v in torch_ms.items()},
+        jax_over_torch_train={k: jax_ms[k] / torch_ms[k] for k in torch_ms})
 
   rows = []
   width = over.get('width', BENCH_MODEL['width'])
@@ -284,6 +326,8 @@ def run(suite: str = 'quick', json_path: str | None = None, *, batch: int | None
       model=dict(cfgs[main].to_dict()),
       peak_gflops=peak, peak_gflops_start=peak_start,
       mfu=achieved / peak, mfu_start=achieved / peak_start,
+      peak_gflops_blas=peak_blas, mfu_blas=None if peak_blas is None else achieved / peak_blas,
+      torch=torch_result,
       achieved_gflops=achieved,
       ec_over_dense_train=train_ms['ec_fc1_e8'] / train_ms['dense'],
       ec_over_dense_infer=infer_ms['ec_fc1_e8'] / infer_ms['dense'],
@@ -327,6 +371,13 @@ def format_table(r: dict) -> str:
            f'more traffic at {r["stream_gbps"]:.1f} GB/s |',
            f'| tc_over_ec | {r["tc_over_ec"]:.3f} | token choice top-2 (f=1) / EC f_c=2, '
            f'{r["train_ms"]["tc_top2"]:.0f} / {r["train_ms"]["ec_fc2_e8_beside_tc"]:.0f} ms |']
+  if r.get('torch'):
+    t = r['torch']
+    lines.append(f'| peak_gflops_blas | {r["peak_gflops_blas"]:.1f} | the same matmul in torch {t["version"]} '
+                 f'(BLAS), beside the PyTorch steps; mfu against it: {r["mfu_blas"]:.3f} |')
+    for k, label in (('dense', 'dense'), ('ec_fc2_e8', 'EC E=8 f_c=2')):
+      lines.append(f'| torch.jax_over_torch_train[{k}] | {t["jax_over_torch_train"][k]:.3f} | {label}: PyTorch '
+                   f'{t["train_ms"][k]:.0f} ms ({t["achieved_gflops"][k]:.1f} GFLOP/s), same model and batch |')
   for g, v in r['gather_over_onehot'].items():
     lines.append(f'| gather_over_onehot[{g}] | time {v["time"]:.3f}, memory {v["memory"]:.3f} | MoE FFN fwd+bwd, '
                  f'{r["routing_tokens"]} tokens |')
