@@ -4,7 +4,7 @@ XLA:CPU mallocs each step's temporary buffers and frees them when the step ends,
 back to the kernel (large blocks are mmap'ed and unmapped, per-thread arenas are trimmed), so the next step
 faults it in again, page by page, zero-filled: ~400k minor page faults and ~0.6 s of kernel time per train step
 of the bench model on 2 cores. Keeping freed memory in one arena (no per-thread arenas, no mmap for large
-blocks, no trimming) on transparent huge pages removes the faults: train step 0.87-0.90 of before
+blocks, no trimming) on transparent huge pages removes the faults: train step 0.90 (EC) to 0.93 (dense) of before
 (docs/performance.md). The cost: the process keeps its peak heap, which is what the next step needs anyway.
 
 Opt out with `ECDIT_SYSTEM_MALLOC=1`, or by setting `GLIBC_TUNABLES` yourself (it is then left alone). Other C

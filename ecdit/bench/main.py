@@ -22,7 +22,7 @@ _WARMUP = flags.DEFINE_integer('warmup', 1, 'untimed runs per case after compili
 _EXPERTS = flags.DEFINE_list('experts', ['8', '64'], 'expert counts E to measure')
 _SUITE = flags.DEFINE_enum('suite', 'quick', ['quick', 'full'], 'suite: which sizes (quick fits a few minutes)')
 _JSON = flags.DEFINE_string('json', None, 'suite: write the results to this JSON file')
-_TORCH = flags.DEFINE_bool('torch', True, 'suite: also train the same model in PyTorch, in turns with the JAX '
+_TORCH = flags.DEFINE_bool('torch', True, 'suite: also train the same model in PyTorch, in a block after the JAX '
                            'steps (needs the [torch] extra; skipped with a note when torch is missing)')
 _BATCH = flags.DEFINE_integer('batch', 8, 'profile, parts: images per train step')
 _GROUPS = flags.DEFINE_list('group_sizes', ['256', '1024', '4096'],

@@ -1,4 +1,4 @@
-"""The bench model trained in plain PyTorch, timed beside ecdit's JAX step: the suite's `torch_*` keys.
+"""The bench model trained in plain PyTorch, timed beside ecdit's JAX step: the suite's `torch.*` keys.
 
 Issue 8 calibrated its targets with the public PyTorch DiT on the machine it was written on. This measures the
 same comparison wherever the suite runs, on the same model and batch: `ecdit/export/torch_reference.py` (a
