@@ -26,7 +26,7 @@ clip (CLIP ViT-L/14 text, 768-d states, 77 tokens). `--config.data.precompute_te
 on the fly per step instead (the encoder stays frozen). The backbone is the paper's XL with 32 experts; for a
 smaller run override e.g. `--config.model.size=B`.
 """
-from ecdit.train.config import apply_paper_recipe, base_config
+from ecdit.config.experiment import apply_paper_recipe, base_config
 
 # variant -> (text states width, tokens per caption)
 VARIANTS = {'t5': (2048, 120), 'clip': (768, 77)}

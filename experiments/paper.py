@@ -13,7 +13,7 @@ eps, grad clipping, EMA) are our choices.
 Variants: xl_32e, xxl_32e, 3xl_32e, m_64e, dense_xl, dense_xxl, dense_3xl, dense_m, gshard_xl_32e,
 xl_8e, xl_16e.
 """
-from ecdit.train.config import apply_paper_recipe, base_config
+from ecdit.config.experiment import apply_paper_recipe, base_config
 
 # variant -> (size preset, routing, experts, depth override)
 VARIANTS = {
@@ -56,7 +56,7 @@ def get_config(variant=None):
   c.data.source_dir = ''            # required: --config.data.source_dir=/path/to/latents
   c.data.image_size = 256
   c.data.latent_shape = (32, 32, 4)
-  c.data.vocab_size, c.data.text_length = 32_128, 77   # the presets' text encoder (ecdit/models/sizes.py)
+  c.data.vocab_size, c.data.text_length = 32_128, 77   # the presets' text encoder (ecdit/config/sizes.py)
   c.data.caption_dropout = 0.1
   c.data.worker_count = 8
 

@@ -12,7 +12,7 @@ measured comparison and the procedure (about 15 minutes per variant on 2 cores):
   ecdit train --config=experiments/shapes_small.py:tc --workdir=runs/shapes_small_tc
   ecdit compare --workdirs=runs/shapes_small_dense,runs/shapes_small_ec,runs/shapes_small_tc --out=runs/compare
 """
-from ecdit.train.config import base_config
+from ecdit.config.experiment import base_config
 
 VARIANTS = {
     'dense': dict(routing='dense', num_experts=1, capacity_factor=1.0),

@@ -4,7 +4,7 @@ on 2 CPU cores in under 15 minutes to recognisable scenes.
   ecdit train                                              # same as the line below
   ecdit train --config=experiments/shapes_tiny.py --workdir=runs/shapes_tiny
 """
-from ecdit.train.config import base_config
+from ecdit.config.experiment import base_config
 
 
 def get_config(variant=None):

@@ -33,7 +33,7 @@ def _tiny_cfg():
 @pytest.fixture(scope='module')
 def tiny():
   from ecdit.models.ecdit import build_model, init_params
-  from ecdit.train import config as config_lib
+  from ecdit.config import experiment as config_lib
   mcfg = config_lib.validate(_tiny_cfg())
   model = build_model(mcfg)
   params = _perturb(nn.unbox(init_params(model, jax.random.key(0))), jax.random.key(1))
@@ -150,7 +150,7 @@ def test_heatmap_png(tmp_path):
 
 def test_dense_model_is_refused():
   from ecdit.models.ecdit import build_model
-  from ecdit.train import config as config_lib
+  from ecdit.config import experiment as config_lib
   cfg = tiny_config()
   cfg.model.routing = 'dense'
   with pytest.raises(ValueError, match='no MoE layers'):
@@ -162,7 +162,7 @@ def test_dense_model_is_refused():
 def _write_workdir(root, cfg, step=3):
   """config.json + one checkpoint of the perturbed step-0 state, as `ecdit train` leaves a workdir."""
   from ecdit.train import checkpoint as ckpt_lib
-  from ecdit.train import config as config_lib
+  from ecdit.config import experiment as config_lib
   from ecdit.train import loop
   workdir = root / 'run'
   workdir.mkdir()

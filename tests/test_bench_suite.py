@@ -4,7 +4,7 @@ import json
 import pytest
 
 from ecdit.bench import flops, suite
-from ecdit.models.config import ModelConfig
+from ecdit.config.model import ModelConfig
 
 KEYS = ('peak_gflops', 'mfu', 'achieved_gflops', 'ec_over_dense_train', 'ec_over_dense_infer',
         'ec_overhead_theory', 'e64_over_e8', 'gather_over_onehot', 'tc_over_ec', 'stream_gbps',

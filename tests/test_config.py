@@ -1,9 +1,9 @@
 """Bad model configs fail early with a ValueError naming the field and the allowed values."""
 import pytest
 
-from ecdit.models.config import ModelConfig
+from ecdit.config.model import ModelConfig
 from ecdit.models.ecdit import build_model
-from ecdit.models.sizes import KNOWN, preset
+from ecdit.config.sizes import KNOWN, preset
 
 
 @pytest.mark.parametrize('override, field, allowed', [

@@ -6,7 +6,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from ecdit.data import config as config_lib
+from ecdit.config import data as config_lib
 from ecdit.data import prepare as prepare_lib
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-from ecdit.data import config as config_lib
+from ecdit.config import data as config_lib
 from ecdit.data import pipeline
 from ecdit.data import prepare as prepare_lib
 from ecdit.data import tokenizer as tokenizer_lib

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from ecdit.data import config as config_lib
+from ecdit.config import data as config_lib
 from ecdit.data import prepare as prepare_lib
 from ecdit.data import shapes as S
 

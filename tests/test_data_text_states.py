@@ -46,7 +46,7 @@ def test_prepare_and_pipeline_with_precomputed_text_states(tmp_path):
 
 
 def test_bad_values():
-  from ecdit.data import config as config_lib
+  from ecdit.config import data as config_lib
   for key, value, match in (('text_states_dtype', 'bfloat16', 'text_states_dtype'),):
     cfg = config_lib.default_data_config()
     cfg[key] = value

@@ -4,7 +4,7 @@ import pickle
 import numpy as np
 import pytest
 
-from ecdit.data import config as config_lib
+from ecdit.config import data as config_lib
 from ecdit.data import shapes as S
 from ecdit.data import tokenizer as T
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from ecdit.train import config as config_lib
+from ecdit.config import experiment as config_lib
 
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).resolve().parent / 'golden'

@@ -18,7 +18,7 @@ from flax import traverse_util
 
 from ecdit.export import weights
 from ecdit.export.jax_model import load_jax
-from ecdit.models.config import ModelConfig
+from ecdit.config.model import ModelConfig
 from ecdit.models.ecdit import abstract_params, build_model, init_params
 
 TOL = 1e-5

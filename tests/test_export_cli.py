@@ -17,7 +17,7 @@ def dense_workdir(tmp_path_factory):
   """A workdir as `ecdit train` leaves it (config.json + one checkpoint), without training: the step-0 state
   with perturbed params, so the exported model computes something non-trivial."""
   from ecdit.train import checkpoint as ckpt_lib
-  from ecdit.train import config as config_lib
+  from ecdit.config import experiment as config_lib
   from ecdit.train import loop
   root = tmp_path_factory.mktemp('dense')
   workdir = root / 'run'

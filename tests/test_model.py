@@ -9,7 +9,7 @@ import pytest
 from flax import linen as nn
 
 from ecdit.layers.dit import DiTBlock, patchify
-from ecdit.models.config import ModelConfig
+from ecdit.config.model import ModelConfig
 from ecdit.models.ecdit import ECDiT, build_model, dummy_inputs, init_params
 
 

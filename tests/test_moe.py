@@ -12,7 +12,7 @@ import pytest
 from cli_util import run_cli
 
 from ecdit.layers import moe, routing
-from ecdit.models.config import ModelConfig
+from ecdit.config.model import ModelConfig
 
 B, S, D, E = 3, 8, 8, 4
 # A large router init so routing depends clearly on the input (the default 0.006 makes probs ~1/E).

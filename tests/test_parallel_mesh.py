@@ -5,8 +5,8 @@ import jax
 import pytest
 from jax.sharding import AxisType
 
-from ecdit.models.config import ModelConfig
-from ecdit.models.sizes import preset
+from ecdit.config.model import ModelConfig
+from ecdit.config.sizes import preset
 from ecdit.parallel import AXES, check_divisibility, default_mesh_config, make_mesh
 
 TINY = ModelConfig(**dict(preset('tiny'), num_experts=8))

@@ -1,4 +1,4 @@
-"""Expert-parallel MoE (ecdit.parallel.moe_parallel): the same parameters and batch give the same outputs, MoE
+"""Expert-parallel MoE (ecdit.layers.moe.parallel): the same parameters and batch give the same outputs, MoE
 statistics, loss and gradients on one device and on 8 simulated devices in several (data, fsdp, expert, model)
 meshes — for the MoE layer alone and for the whole model under `jax.jit` with the rules' shardings — plus a
 guard on the compiled HLO (all-to-all count, no all-gather of routing-group activations or router probabilities,
@@ -19,10 +19,10 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ecdit.layers import moe
 from ecdit.models import ecdit as ecdit_lib
-from ecdit.models.config import ModelConfig
-from ecdit.models.sizes import preset
+from ecdit.config.model import ModelConfig
+from ecdit.config.sizes import preset
 from ecdit.parallel import AXES, batch_sharding, make_mesh, param_shardings, use_mesh
-from ecdit.parallel import moe_parallel
+from ecdit.layers.moe import parallel as moe_parallel
 
 MESHES = [(8, 1, 1, 1), (2, 1, 4, 1), (1, 1, 8, 1), (1, 2, 2, 2)]
 TOL = dict(rtol=1e-5, atol=1e-5)

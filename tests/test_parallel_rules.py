@@ -19,11 +19,11 @@ from flax import traverse_util
 from jax.sharding import PartitionSpec as P
 
 from ecdit.models import ecdit as ecdit_lib
-from ecdit.models.config import ModelConfig
-from ecdit.models.sizes import preset
+from ecdit.config.model import ModelConfig
+from ecdit.config.sizes import preset
 from ecdit.parallel import (LOGICAL_RULES, batch_sharding, logical_to_spec, make_mesh, param_shardings, param_specs,
                             shard_params)
-from ecdit.train import config as config_lib
+from ecdit.config import experiment as config_lib
 
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).resolve().parent / 'golden'

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from ecdit.models import params as P
-from ecdit.models.config import ModelConfig
+from ecdit.config.model import ModelConfig
 
 
 def _ours_closed_form(cfg: ModelConfig) -> int:

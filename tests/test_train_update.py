@@ -8,7 +8,7 @@ import pytest
 from ecdit.train import optim
 from ecdit.train import state as state_lib
 from ecdit.train import update as update_lib
-from ecdit.train.config import base_config
+from ecdit.config.experiment import base_config
 
 
 def _train_cfg(**over):

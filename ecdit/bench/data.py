@@ -30,7 +30,8 @@ def run(argv=None) -> dict:
   args = parser.parse_args(argv)
 
   import jax   # pylint: disable=import-outside-toplevel
-  from ecdit.data import config as config_lib, pipeline, prepare, tokenizer   # pylint: disable=import-outside-toplevel
+  from ecdit.config import data as config_lib
+from ecdit.data import pipeline, prepare, tokenizer   # pylint: disable=import-outside-toplevel
   from ecdit.data import shapes_builder   # pylint: disable=import-outside-toplevel
 
   results = {'device_count': jax.device_count(), 'image_size': args.image_size}

@@ -12,7 +12,7 @@ Not counted: biases, norms, activations, softmax, the loss, the optimizer, and t
 from __future__ import annotations
 
 from ecdit.layers.dit import TIME_FREQ_DIM
-from ecdit.models.config import ModelConfig
+from ecdit.config.model import ModelConfig
 from ecdit.models.text import text_states_dim
 
 

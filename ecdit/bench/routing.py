@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from ecdit.layers import moe
-from ecdit.models.config import ModelConfig
+from ecdit.config.model import ModelConfig
 
 IMAGE_TOKENS = 256  # a 32×32 latent with 2×2 patches; groups of S > 256 span S/256 images
 

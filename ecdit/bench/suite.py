@@ -49,7 +49,7 @@ import numpy as np
 from ecdit.bench import flops as flops_lib
 from ecdit.bench import routing as routing_bench
 from ecdit.bench.routing import _time_interleaved
-from ecdit.models.config import ModelConfig
+from ecdit.config.model import ModelConfig
 
 BENCH_MODEL = dict(image_size=32, in_channels=4, patch_size=2, width=384, depth=12, num_heads=6, mlp_ratio=4,
                    routing='expert_choice', num_experts=8, capacity_factor=2.0, routing_scope='image',
@@ -70,7 +70,7 @@ def bench_config(**overrides) -> ModelConfig:
 # ---- the compiled functions -----------------------------------------------------------------------------
 
 def _train_cfg(batch: int):
-  from ecdit.train.config import base_config
+  from ecdit.config.experiment import base_config
   c = base_config()
   c.train.batch_size = batch
   c.diffusion.mask_ratio = 0.0

@@ -15,7 +15,7 @@ from typing import Callable
 
 import numpy as np
 
-from ecdit.models.config import ModelConfig
+from ecdit.config.model import ModelConfig
 
 
 def available() -> bool:

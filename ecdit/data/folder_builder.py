@@ -8,7 +8,7 @@ import re
 
 import tensorflow_datasets as tfds
 
-from ecdit.data import config as config_lib
+from ecdit.config import data as config_lib
 from ecdit.data import features as features_lib
 from ecdit.data import folder
 

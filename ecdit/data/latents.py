@@ -34,7 +34,7 @@ import numpy as np
 
 from ecdit.data import features as features_lib
 from ecdit.data import reader
-from ecdit.data.config import TEXT_DTYPES
+from ecdit.config.data import TEXT_DTYPES
 
 NULL_TEXT_FILE = 'null_text.npz'
 

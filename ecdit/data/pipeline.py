@@ -20,7 +20,7 @@ import grain
 import jax
 import numpy as np
 
-from ecdit.data import config as config_lib
+from ecdit.config import data as config_lib
 from ecdit.data import prepare as prepare_lib
 from ecdit.data import reader
 

@@ -18,7 +18,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from ecdit.data import config as config_lib
+from ecdit.config import data as config_lib
 
 
 def _builder(data_cfg, data_dir: pathlib.Path):

@@ -141,7 +141,7 @@ def ensure_tokenizer(dataset_dir: str | pathlib.Path, data_cfg) -> pathlib.Path:
 def load_or_train_tokenizer(data_cfg) -> Tokenizer:
   """The tokenizer for a data config: data.tokenizer_path if set, else the one next to the dataset
   (materialising the dataset and training the tokenizer first if needed)."""
-  from ecdit.data import config as config_lib   # pylint: disable=import-outside-toplevel
+  from ecdit.config import data as config_lib   # pylint: disable=import-outside-toplevel
   config_lib.validate_data_config(data_cfg)
   explicit = config_lib.option(data_cfg, 'tokenizer_path')
   if explicit:

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from ecdit.export.weights import PAD_ID, load_params
-from ecdit.models.config import ModelConfig
+from ecdit.config.model import ModelConfig
 from ecdit.models.ecdit import build_model
 
 

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 from ecdit.diffusion.sampler import integrate
 from ecdit.export.weights import CONFIG_FILE, README_FILE, ExportError, export_config
-from ecdit.models.config import ModelConfig
+from ecdit.config.model import ModelConfig
 from ecdit.models.ecdit import build_model
 from ecdit.models.text import text_states_dim
 

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from ecdit.models.config import ModelConfig
+from ecdit.config.model import ModelConfig
 from ecdit.models.ecdit import build_model, init_params
 
 # Fields that may differ between the dense source and the MoE target; every other field must match.

@@ -44,7 +44,7 @@ def main(argv):
   from ecdit.export import upcycle
   from ecdit.train import workdir as workdir_lib
   from ecdit.train import checkpoint as ckpt_lib
-  from ecdit.train import config as config_lib
+  from ecdit.config import experiment as config_lib
   from ecdit.train import loop
 
   try:

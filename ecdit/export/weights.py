@@ -38,7 +38,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ecdit.models.config import ModelConfig
+from ecdit.config.model import ModelConfig
 
 FORMAT = 'ecdit-export'
 FORMAT_VERSION = 1

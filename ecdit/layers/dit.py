@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ecdit.layers.attention import Attention
-from ecdit.models.config import ModelConfig
+from ecdit.config.model import ModelConfig
 
 TIME_SCALE = 1000.0
 TIME_FREQ_DIM = 256

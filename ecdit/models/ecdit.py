@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from ecdit.layers.dit import DiTBlock, FinalLayer, PatchEmbed, TimestepEmbedder, sincos_pos_embed_2d, unpatchify
-from ecdit.models.config import ModelConfig
+from ecdit.config.model import ModelConfig
 from ecdit.models.text import TextEncoder, text_states_dim
 
 

@@ -41,7 +41,7 @@ from absl import app, flags
 import numpy as np
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string('size', None, 'model size preset (ecdit.models.sizes), e.g. XL, XXL, 3XL, M, M-64E, S')
+flags.DEFINE_string('size', None, 'model size preset (ecdit.config.sizes), e.g. XL, XXL, 3XL, M, M-64E, S')
 flags.DEFINE_integer('experts', None, 'number of experts (overrides the preset / config)')
 flags.DEFINE_bool('dense', False, "count the dense model (routing='dense')")
 flags.DEFINE_float('capacity_factor', None, 'capacity factor used for the activated count')
@@ -84,7 +84,7 @@ def table1_fit_dense(width: int, depth: int, kv_dim: int) -> float:
 # It holds a text encoder (ours, `PAPER_TEXT`, is 0.671B: the paper's "670M CLIP-based") and 0.180B that no
 # component we know accounts for (an SD VAE is 0.084B; a T5-base encoder 0.110B; neither fits alone).
 PAPER_FIXED = 850_600_000
-PAPER_TEXT_ENCODER = 670_903_040     # our reconstruction of the paper's text encoder (ecdit.models.sizes)
+PAPER_TEXT_ENCODER = 670_903_040     # our reconstruction of the paper's text encoder (ecdit.config.sizes)
 
 
 def paper_accounting(cfg) -> dict:

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from ecdit.layers.attention import Attention
-from ecdit.models.config import ModelConfig
+from ecdit.config.model import ModelConfig
 
 _kernel_init = nn.initializers.xavier_uniform()
 _zeros = nn.initializers.zeros_init()

@@ -8,7 +8,7 @@ What each axis does (the table that maps names to axes is `ecdit.parallel.rules.
   fsdp    the batch is split *and* large weights are split along their width ('embed'); XLA gathers a weight
           before it is used and reduce-scatters its gradient.
   expert  expert weights `[E, ...]` are split along E; outside MoE layers the axis is one more batch axis. Inside
-          an MoE layer tokens reach their experts' devices by `all_to_all` (ecdit.parallel.moe_parallel).
+          an MoE layer tokens reach their experts' devices by `all_to_all` (ecdit.layers.moe.parallel).
   model   tensor parallelism: FFN hidden ('mlp'), attention heads and adaLN outputs are split.
 
 All axes are `AxisType.Auto` (jax.make_mesh's default is now Explicit, under which flax's logical constraints

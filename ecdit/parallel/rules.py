@@ -17,7 +17,7 @@ Pitfalls this table avoids (shared/research/anchors.md §4, §9):
   - 'length' (tokens of an image) and 'capacity' are never split: a routing group's token axis stays whole on
     one device, since top-k over a split axis is wrong or all-gathers.
   - 'expert' shards expert weights over the 'expert' mesh axis and the batch also runs over 'expert'; the MoE
-    layer moves tokens between the two layouts with all_to_all (ecdit.parallel.moe_parallel).
+    layer moves tokens between the two layouts with all_to_all (ecdit.layers.moe.parallel).
 """
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ecdit.data import config as data_config
+from ecdit.config import data as data_config
 
 
 def _opt(data_cfg, key: str):
@@ -56,7 +56,7 @@ def _text_states_dim(folder: pathlib.Path) -> tuple[str, int, int | None]:
 def check(cfg, mcfg) -> None:
   """Raises ConfigError when the model cannot read what the configured VAE / text encoder produce."""
   from ecdit.models import hf_loading as hf   # pylint: disable=import-outside-toplevel
-  from ecdit.train.config import ConfigError   # pylint: disable=import-outside-toplevel
+  from ecdit.config.experiment import ConfigError   # pylint: disable=import-outside-toplevel
   d = cfg.data
   try:
     if uses_text_encoder(d):

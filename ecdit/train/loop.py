@@ -16,7 +16,7 @@ from absl import logging
 from ecdit import parallel
 from ecdit.diffusion import sampler as sampler_lib
 from ecdit.train import checkpoint as ckpt_lib
-from ecdit.train import config as config_lib
+from ecdit.config import experiment as config_lib
 from ecdit.train import frozen
 from ecdit.train import optim
 from ecdit.train import state as state_lib

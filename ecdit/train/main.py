@@ -103,7 +103,7 @@ def main(argv):
   from absl import logging
   if not flags.FLAGS['verbosity'].present:  # keep library INFO chatter (Orbax, grain) off the console
     logging.set_verbosity(logging.WARNING)
-  from ecdit.train import config as config_lib
+  from ecdit.config import experiment as config_lib
   cfg = load_config()
   try:
     from ecdit.train import frozen

@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
-from ecdit.models.config import ModelConfig
+from ecdit.config.model import ModelConfig
 
 
 class WorkdirError(ValueError):
@@ -80,7 +80,7 @@ def load_run_config(workdir: str | Path):
 def tokenizer_path(cfg) -> Path | None:
   """The run's sentencepiece model file if it exists (data.tokenizer_path, else the one beside the dataset);
   never trains or prepares anything."""
-  from ecdit.data import config as data_config   # pylint: disable=import-outside-toplevel
+  from ecdit.config import data as data_config   # pylint: disable=import-outside-toplevel
   from ecdit.data import prepare, tokenizer   # pylint: disable=import-outside-toplevel
   try:
     explicit = data_config.option(cfg.data, 'tokenizer_path')
@@ -101,7 +101,7 @@ def restore(workdir: str | Path, *, ema: bool = False,
   import flax.linen as nn   # pylint: disable=import-outside-toplevel
 
   from ecdit.train import checkpoint as ckpt_lib   # pylint: disable=import-outside-toplevel
-  from ecdit.train import config as config_lib   # pylint: disable=import-outside-toplevel
+  from ecdit.config import experiment as config_lib   # pylint: disable=import-outside-toplevel
   from ecdit.train import loop   # pylint: disable=import-outside-toplevel
   workdir = Path(workdir)
   cfg = load_run_config(workdir)

@@ -7,7 +7,37 @@ the field and what was expected.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Mapping
+
+from ecdit.config.sizes import preset
+
+# Slack added before flooring in `capacity`, so that S·f/E products that are whole numbers in decimal
+# (100·0.29 = 28.999999999999996 in binary floating point) are not rounded down.
+_FLOOR_SLACK = 1e-9
+
+
+def capacity(group_tokens: int, num_experts: int, factor: float) -> int:
+  """Slots per expert per routing group: `clip(floor(S·f/E), 1, S)`.
+
+  Rounding: the exact product S·f/E is rounded *down* (so `E·C <= S·f`, never more compute than asked for),
+  then clipped to at least 1 (every expert processes something) and at most S (an expert cannot pick a
+  token twice). The product is computed in float64 with a 1e-9 slack so that decimal factors such as 0.29
+  land on the whole number they denote. No rounding to a multiple of anything (AXLearn rounds up to 4;
+  we keep the paper's C = S·f_c/E).
+
+  For token choice, pass `factor = f_c·k` (ModelConfig.capacity_for does).
+  """
+  if isinstance(group_tokens, bool) or not isinstance(group_tokens, int) or group_tokens < 1:
+    raise ValueError(f'capacity: group_tokens={group_tokens!r} is invalid: expected an integer >= 1')
+  if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
+    raise ValueError(f'capacity: num_experts={num_experts!r} is invalid: expected an integer >= 1')
+  if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0:
+    raise ValueError(f'capacity: capacity factor={factor!r} is invalid: expected a number > 0')
+  c = math.floor(group_tokens * float(factor) / num_experts + _FLOOR_SLACK)
+  return int(min(max(c, 1), group_tokens))
+
+
 
 ROUTINGS = ('expert_choice', 'token_choice', 'dense')
 BACKENDS = ('gather', 'onehot')
@@ -79,8 +109,7 @@ class ModelConfig:
     return self.routing != 'dense' and (index + 1) % self.moe_every == 0
 
   def capacity_for(self, group_tokens: int, train: bool) -> int:
-    """Tokens per expert per routing group. See ecdit.layers.routing.capacity for the rounding rule."""
-    from ecdit.layers.routing import capacity  # local import: layers depend on models.config, not back.
+    """Tokens per expert per routing group. See `capacity` above for the rounding rule."""
     f = self.capacity_factor if train or self.eval_capacity_factor is None else self.eval_capacity_factor
     k = self.top_k if self.routing == 'token_choice' else 1
     return capacity(group_tokens, self.num_experts, f * k)
@@ -98,7 +127,6 @@ class ModelConfig:
       raise ValueError(f'model: unknown key(s) {unknown}; known keys are {sorted(fields | {"size"})}')
     values = {}
     if size:
-      from ecdit.models.sizes import preset
       values.update(preset(size))
     values.update({k: v for k, v in d.items()})
     cfg = cls(**values)

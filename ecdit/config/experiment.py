@@ -17,7 +17,7 @@ from typing import Any
 import ml_collections
 from ml_collections import config_dict
 
-from ecdit.models.config import ModelConfig
+from ecdit.config.model import ModelConfig
 
 OPTIMIZERS = ('adamw', 'rmsprop')
 SCHEDULES = ('constant', 'cosine')
@@ -37,7 +37,7 @@ def _model_section() -> ml_collections.ConfigDict:
 
 
 def _data_section() -> ml_collections.ConfigDict:
-  from ecdit.data.config import default_data_config
+  from ecdit.config.data import default_data_config
   return default_data_config()
 
 
@@ -208,7 +208,7 @@ def validate(cfg) -> ModelConfig:
   except (ValueError, TypeError) as e:
     raise ConfigError(str(e).splitlines()[0]) from None
 
-  from ecdit.data.config import validate_data_config
+  from ecdit.config.data import validate_data_config
   try:
     validate_data_config(cfg.data)
   except ValueError as e:

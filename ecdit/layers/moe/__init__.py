@@ -20,7 +20,7 @@ rows of one expert contiguous): gathering straight into it instead of `[G, E, C,
 of the activations before and after each expert einsum, forward and backward (docs/performance.md).
 
 Under `jax.set_mesh(mesh)` with ecdit's mesh axes and more than one device, steps 1-4 run expert-parallel in
-`jax.shard_map` (ecdit.parallel.moe_parallel) with the same results; one device runs the code below as is.
+`jax.shard_map` (ecdit.layers.moe.parallel) with the same results; one device runs the code below as is.
 
 Sown collections (only when the caller makes them mutable in `apply`; `init` sows nothing, so the variables it
 returns hold only 'params'):
@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from ecdit.layers import routing
-from ecdit.models.config import ModelConfig
+from ecdit.config.model import ModelConfig
 
 # tanh-approximate GeLU, as in the DiT and PixArt-α FFNs (PyTorch `nn.GELU(approximate='tanh')`); an exported
 # model must use the same approximation.
@@ -206,7 +206,7 @@ class MoEFFN(nn.Module):
   """E full-width GeLU experts behind a float32 router; see the module docstring for routing and stats.
 
   Called under `jax.set_mesh(mesh)` with a mesh that has ecdit's axes (data, fsdp, expert, model) and more
-  than one device, the layer runs expert-parallel inside `jax.shard_map` (ecdit.parallel.moe_parallel) with
+  than one device, the layer runs expert-parallel inside `jax.shard_map` (ecdit.layers.moe.parallel) with
   the same results; otherwise it runs the single-device computation below."""
   cfg: ModelConfig
 
@@ -231,7 +231,7 @@ class MoEFFN(nn.Module):
 
     want_stats = self.is_mutable_collection('moe_stats') and not self.is_initializing()
     want_aux = cfg.routing == 'token_choice' and not self.is_initializing()
-    from ecdit.parallel import moe_parallel  # parallel builds on this module; import at use
+    from ecdit.layers.moe import parallel as moe_parallel  # parallel builds on this module; import at use
     mesh = None if self.is_initializing() else moe_parallel.active_mesh()
     if mesh is not None:
       y, stats, aux = moe_parallel.moe_expert_parallel(
