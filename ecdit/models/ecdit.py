@@ -120,11 +120,20 @@ def dummy_inputs(cfg: ModelConfig, batch: int = 1) -> tuple[jax.Array, ...]:
   return x, t, text, mask
 
 
-def init_params(model: ECDiT, rng: jax.Array, batch_size: int = 1):
-  """Initialised parameters (the 'params' collection, boxed with logical axis metadata)."""
-  return model.init(rng, *dummy_inputs(model.config, batch_size), train=False)['params']
+def params_key(seed: int) -> jax.Array:
+  """The key the parameters of an experiment with `seed` are drawn from: split off the seed's key, so it is
+  separate from the per-step keys (`fold_in(key(seed), step)`, ecdit.train.state.step_key)."""
+  return jax.random.split(jax.random.key(seed))[1]
+
+
+def init_params(model: ECDiT, seed: int | jax.Array, batch_size: int = 1):
+  """Initialised parameters (the 'params' collection, boxed with logical axis metadata). `seed` is an
+  experiment's integer seed (what training uses: one seed gives the same weights in train, bench and tests)
+  or an explicit key."""
+  key = params_key(seed) if isinstance(seed, int) else seed
+  return model.init(key, *dummy_inputs(model.config, batch_size), train=False)['params']
 
 
 def abstract_params(model: ECDiT, batch_size: int = 1):
-  """`jax.ShapeDtypeStruct` tree of the parameters, nothing allocated."""
-  return jax.eval_shape(lambda: init_params(model, jax.random.key(0), batch_size))
+  """`jax.ShapeDtypeStruct` tree of the parameters (boxed), nothing allocated."""
+  return jax.eval_shape(lambda: init_params(model, 0, batch_size))

@@ -15,6 +15,7 @@ from absl import logging
 
 from ecdit import parallel
 from ecdit.diffusion import sampler as sampler_lib
+from ecdit.models import ecdit as ecdit_model
 from ecdit.train import checkpoint as ckpt_lib
 from ecdit.config import experiment as config_lib
 from ecdit.train import frozen
@@ -26,20 +27,6 @@ from ecdit.train.step import jit_train_step, make_train_step
 
 class NonFiniteLossError(RuntimeError):
   pass
-
-
-def init_params(model, mcfg, seed: int):
-  """Parameters from `seed` (a key separate from the per-step keys, which are fold_in(seed, step))."""
-  b = 1
-  x = jnp.zeros((b, mcfg.image_size, mcfg.image_size, mcfg.in_channels), jnp.float32)
-  t = jnp.zeros((b,), jnp.float32)
-  if mcfg.text_encoder == 'precomputed':   # a frozen pretrained encoder's states
-    ids = jnp.zeros((b, mcfg.text_length, mcfg.text_states_dim), jnp.float32)
-  else:
-    ids = jnp.zeros((b, mcfg.text_length), jnp.int32)
-  mask = jnp.ones((b, mcfg.text_length), bool)
-  key = jax.random.split(jax.random.key(seed))[1]
-  return model.init(key, x, t, ids, mask, train=False)['params']   # boxed: nn.Partitioned leaves
 
 
 @dataclasses.dataclass
@@ -57,7 +44,7 @@ class Setup:
 
   def init_state(self):
     def make():
-      params = nn.unbox(init_params(self.model, self.mcfg, self.cfg.seed))
+      params = nn.unbox(ecdit_model.init_params(self.model, self.cfg.seed))
       return state_lib.create(params, self.tx, self.cfg.seed)
     return jax.jit(make, out_shardings=self.state_shardings)()
 
@@ -79,15 +66,14 @@ def build(cfg, mcfg=None, devices=None, *, strict: bool = False) -> Setup:
   the model and global batch must divide over it — errors name the numbers, before anything compiles.
   Otherwise (restoring a run to sample, evaluate or export) `parallel.fit_mesh` adapts the run's mesh to the
   devices at hand; the checkpoint is resharded onto it."""
-  from ecdit.models.ecdit import build_model
   mcfg = mcfg or config_lib.validate(cfg)
   frozen.check(cfg, mcfg)   # the VAE / text encoder folders agree with the model (config.json only)
   mesh = parallel.make_mesh(cfg.mesh, devices) if strict else parallel.fit_mesh(cfg.mesh, devices)
   parallel.check_divisibility(mcfg, mesh, cfg.train.batch_size if strict else None)
-  model = build_model(mcfg)
+  model = ecdit_model.build_model(mcfg)
   tx = optim.make_optimizer(cfg.train)
   lr = optim.schedule(cfg.train)
-  boxed = jax.eval_shape(lambda: init_params(model, mcfg, cfg.seed))
+  boxed = jax.eval_shape(lambda: ecdit_model.init_params(model, cfg.seed))
   abstract = jax.eval_shape(lambda p: state_lib.create(p, tx, cfg.seed), nn.unbox(boxed))
   shardings = state_shardings(abstract, boxed, mesh)
   step = jit_train_step(make_train_step(model, tx, lr, cfg, mcfg.patch_size), mesh, shardings)
