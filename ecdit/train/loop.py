@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import flax.linen as nn
 import numpy as np
 from absl import logging
