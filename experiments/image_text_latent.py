@@ -39,18 +39,16 @@ def get_config(variant=None):
   states_dim, length = VARIANTS[variant]
   c = base_config()
   c.name = f'image_text_latent_{variant}'
-  c.seed = 0
 
   m = c.model
   m.size = 'XL'
   m.routing, m.num_experts, m.capacity_factor = 'expert_choice', 32, 2.0
   m.image_size, m.in_channels, m.patch_size = 32, 4, 2     # 256 px through the 8× VAE
-  m.text_encoder, m.text_states_dim, m.text_length = 'precomputed', states_dim, length
+  m.text_encoder, m.text_states_dim = 'precomputed', states_dim   # text length: data.text_length
   m.dtype = 'bfloat16'
 
   d = c.data
   d.name = 'image_text_folder'
-  d.dir = './data'
   d.source_dir = ''                 # required: --config.data.source_dir=/path/to/images
   d.image_size = 256
   d.num_validation_examples = 1000

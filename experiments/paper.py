@@ -38,7 +38,6 @@ def get_config(variant=None):
   size, routing, experts, depth = VARIANTS[variant]
   c = base_config()
   c.name = f'paper_{variant}'
-  c.seed = 0
 
   m = c.model
   m.size = size
@@ -48,11 +47,10 @@ def get_config(variant=None):
   m.capacity_factor = 1.0 if routing == 'token_choice' else 2.0
   if routing == 'token_choice':
     m.top_k = 2
-  m.image_size, m.in_channels, m.patch_size = 32, 4, 2   # (the preset's text encoder stands in for CLIP)
+  m.patch_size = 2   # on the 32×32×4 latents (data.latent_shape); the preset's text encoder stands in for CLIP
   m.dtype = 'bfloat16'
 
   c.data.name = 'image_text_folder'
-  c.data.dir = './data'
   c.data.source_dir = ''            # required: --config.data.source_dir=/path/to/latents
   c.data.image_size = 256
   c.data.latent_shape = (32, 32, 4)

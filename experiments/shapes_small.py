@@ -12,7 +12,9 @@ measured comparison and the procedure (about 15 minutes per variant on 2 cores):
   ecdit train --config=experiments/shapes_small.py:tc --workdir=runs/shapes_small_tc
   ecdit compare --workdirs=runs/shapes_small_dense,runs/shapes_small_ec,runs/shapes_small_tc --out=runs/compare
 """
-from ecdit.config.experiment import base_config
+import pathlib
+
+from ecdit.config.experiment import experiment_module
 
 VARIANTS = {
     'dense': dict(routing='dense', num_experts=1, capacity_factor=1.0),
@@ -27,33 +29,10 @@ def get_config(variant=None):
   variant = variant or 'ec'
   if variant not in VARIANTS:
     raise ValueError(f'shapes_small variant {variant!r} is unknown: expected one of {sorted(VARIANTS)}')
-  c = base_config()
+  # shapes_tiny's data (one prepare serves both), recipe, width and patch grid; 6 blocks and the variant's FFNs.
+  c = experiment_module(pathlib.Path(__file__).with_name('shapes_tiny.py')).get_config()
   c.name = f'shapes_small_{variant}'
-  c.seed = 0
-
-  m = c.model
-  # Patch 4 (8×8 tokens) like shapes_tiny: patch 2 at this width is ~2 s/step on 2 cores.
-  m.image_size, m.in_channels, m.patch_size = 32, 3, 4
-  m.width, m.depth, m.num_heads, m.mlp_ratio, m.moe_every = 128, 6, 4, 4, 2
-  m.text_width, m.text_depth, m.text_heads = 128, 1, 4
-  m.vocab_size, m.text_length = 128, 32
+  c.model.depth = 6
   for k, v in VARIANTS[variant].items():
-    m[k] = v
-
-  c.data.dir = './data'
-  c.data.image_size = 32
-  c.data.num_train_examples = 20_000  # the shapes_tiny dataset: one prepare serves both experiments
-  c.data.vocab_size, c.data.text_length = 128, 32
-
-  c.diffusion.t_sampling = 'logit_normal'
-  c.diffusion.mask_ratio = 0.0
-
-  t = c.train
-  t.num_steps, t.batch_size = 2000, 32
-  t.optimizer, t.learning_rate, t.schedule, t.warmup_steps = 'adamw', 1e-3, 'cosine', 100
-  t.end_lr_factor = 0.1
-  t.grad_clip, t.ema_decay = 1.0, 0.995
-  t.log_every, t.checkpoint_every, t.sample_every = 50, 500, 500
-
-  c.sample.num_steps, c.sample.cfg_scale = 25, 3.0
+    c.model[k] = v
   return c

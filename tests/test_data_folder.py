@@ -7,7 +7,9 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from ecdit.config import data as config_lib
+from ecdit.data import pipeline
 from ecdit.data import prepare as prepare_lib
+from ecdit.data import tokenizer as tokenizer_lib
 
 
 def folder_cfg(root, source, **overrides):
@@ -143,6 +145,12 @@ def test_optional_latent_feature(tmp_path):
   rec = ds[0]
   assert rec['latent'].shape == (4, 4, 2) and rec['latent'].dtype == np.float32
   assert sorted(float(ds[i]['latent'][0, 0, 0]) for i in range(3)) == [0.0, 1.0, 2.0]
+  # The batch contract: with stored latents the flow diffuses the latent (x0), the pixels stay on the host.
+  cfg = folder_cfg(tmp_path / 'data', src, latent_shape=(4, 4, 2))
+  batch = next(pipeline.make_train_iterator(cfg, global_batch_size=3, sharding=None,
+                                            tokenizer=tokenizer_lib.load_or_train_tokenizer(cfg), seed=0))
+  assert batch['x0'].shape == (3, 4, 4, 2) and sorted(batch['x0'][:, 0, 0, 0]) == [0.0, 1.0, 2.0]
+  assert batch['image'].shape[0] == 3 and batch['image'].shape[-1] == 3
   np.save(src / 'img0.npy', np.zeros((3,), np.float32))
   with pytest.raises(ValueError, match=r'img0\.npy: latent has shape \(3,\)'):
     prepare_lib.prepare(folder_cfg(tmp_path / 'data2', src, latent_shape=(4, 4, 2)), verbose=False)

@@ -24,9 +24,10 @@ def setup(tmp_path_factory):
   return cfg, tokenizer_lib.load_or_train_tokenizer(cfg)
 
 
-def make(setup, gbs=32, sharding=None, **kwargs):
+def make(setup, gbs=32, sharding=None, seed=0, **kwargs):
   cfg, tok = setup
-  return pipeline.make_train_iterator(cfg, global_batch_size=gbs, sharding=sharding, tokenizer=tok, **kwargs)
+  return pipeline.make_train_iterator(cfg, global_batch_size=gbs, sharding=sharding, tokenizer=tok, seed=seed,
+                                      **kwargs)
 
 
 def take(it, n):
@@ -51,9 +52,11 @@ def test_batches_have_the_contract_shapes(setup):
   batch = next(make(setup))
   assert batch['image'].shape == (32, 32, 32, 3) and batch['image'].dtype == np.float32
   assert -1.0 <= batch['image'].min() < 0.0 < batch['image'].max() <= 1.0
-  assert batch['text_ids'].shape == (32, 12) and batch['text_ids'].dtype == np.int32
+  assert batch['text'].shape == (32, 12) and batch['text'].dtype == np.int32
   assert batch['text_mask'].shape == (32, 12) and batch['text_mask'].dtype == bool
   assert len(batch['caption']) == 32
+  assert set(batch) == {'x0', 'text', 'text_mask', 'image', 'caption'}
+  assert batch['x0'] is batch['image']   # pixel space: the flow diffuses the pixels
 
 
 def test_deterministic_and_seeded(setup):
@@ -112,7 +115,7 @@ def test_global_arrays_with_sharding(setup):
   sharding = NamedSharding(mesh, PartitionSpec('data'))
   batch = next(make(setup, sharding=sharding))
   host = next(make(setup))
-  for key in ('image', 'text_ids', 'text_mask'):
+  for key in ('x0', 'text', 'text_mask'):
     assert isinstance(batch[key], jax.Array)
     assert batch[key].sharding == sharding and batch[key].shape == host[key].shape
     np.testing.assert_array_equal(np.asarray(batch[key]), host[key])
@@ -123,19 +126,19 @@ def test_caption_dropout_is_seeded_and_gives_the_empty_caption(setup):
   cfg, tok = setup
   drop = cfg.copy_and_resolve_references()
   drop.caption_dropout = 0.5
-  batches = take(pipeline.make_train_iterator(drop, global_batch_size=50, sharding=None, tokenizer=tok), 4)
-  again = take(pipeline.make_train_iterator(drop, global_batch_size=50, sharding=None, tokenizer=tok), 4)
+  batches = take(pipeline.make_train_iterator(drop, global_batch_size=50, sharding=None, tokenizer=tok, seed=0), 4)
+  again = take(pipeline.make_train_iterator(drop, global_batch_size=50, sharding=None, tokenizer=tok, seed=0), 4)
   captions = [c for b in batches for c in b['caption']]
   assert [c for b in again for c in b['caption']] == captions
   dropped = sum(c == '' for c in captions)
   assert 60 <= dropped <= 140   # 200 draws at p = 0.5
   for b in batches:
     empty = np.array([c == '' for c in b['caption']])
-    assert (b['text_mask'][empty].sum(1) == 1).all() and (b['text_ids'][empty, 0] == tok.eos_id).all()
+    assert (b['text_mask'][empty].sum(1) == 1).all() and (b['text'][empty, 0] == tok.eos_id).all()
     assert (b['text_mask'][~empty].sum(1) > 1).all()
   none = cfg.copy_and_resolve_references()
   none.caption_dropout = 0.0
-  b = next(pipeline.make_train_iterator(none, global_batch_size=50, sharding=None, tokenizer=tok))
+  b = next(pipeline.make_train_iterator(none, global_batch_size=50, sharding=None, tokenizer=tok, seed=0))
   assert '' not in b['caption']
 
 
@@ -155,4 +158,4 @@ def test_bad_arguments(setup, tmp_path):
   missing = cfg.copy_and_resolve_references()
   missing.dir = str(tmp_path / 'nowhere')
   with pytest.raises(FileNotFoundError, match='ecdit prepare'):
-    pipeline.make_train_iterator(missing, global_batch_size=8, sharding=None, tokenizer=tok)
+    pipeline.make_train_iterator(missing, global_batch_size=8, sharding=None, tokenizer=tok, seed=0)

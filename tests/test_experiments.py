@@ -68,9 +68,9 @@ def test_paper_configs_carry_the_recipe():
     assert (c.train.optimizer, c.train.learning_rate, c.train.warmup_steps, c.train.batch_size,
             c.train.num_steps) == ('rmsprop', 1e-4, 20_000, 4096, 800_000)
     assert c.train.momentum > 0 and c.diffusion.t_sampling == 'logit_normal' and c.diffusion.mask_ratio == 0.5
-    assert (c.model.image_size, c.model.in_channels, c.model.patch_size) == (32, 4, 2)
     c.data.source_dir = '/data/latents'
-    config_lib.validate(c)
+    m = config_lib.validate(c)
+    assert (m.image_size, m.in_channels, m.patch_size) == (32, 4, 2)   # from data.latent_shape (32, 32, 4)
 
 
 def test_unknown_variant():
@@ -83,9 +83,20 @@ def test_unknown_variant():
 def test_image_text_latent_configs_validate():
   for variant, (dim, length) in _module('image_text_latent').VARIANTS.items():
     c = _module('image_text_latent').get_config(variant)
-    assert (c.model.text_encoder, c.model.text_states_dim, c.model.text_length) == ('precomputed', dim, length)
     c.data.source_dir, c.data.vae_dir, c.data.text_encoder_dir = '/data/images', '/models/vae', '/models/text'
-    config_lib.validate(c)   # the folders themselves are checked when a run starts
+    m = config_lib.validate(c)   # the folders themselves are checked when a run starts
+    assert (m.text_encoder, m.text_states_dim, m.text_length) == ('precomputed', dim, length)
     c.data.text_encoder_dir = ''
     with pytest.raises(config_lib.ConfigError, match='model.text_encoder'):
       config_lib.validate(c)
+
+
+def test_model_shapes_come_from_the_data_section():
+  c = _module('shapes_tiny').get_config()
+  assert c.model.image_size is None and c.model.vocab_size is None   # one home: the data section
+  c.data.image_size, c.data.vocab_size, c.data.text_length = 64, 100, 20
+  m = config_lib.validate(c)
+  assert (m.image_size, m.in_channels, m.vocab_size, m.text_length) == (64, 3, 100, 20)
+  c.model.image_size = 32   # an explicit model key the data decides must agree with it
+  with pytest.raises(config_lib.ConfigError, match=r'model.image_size=32 .*data.image_size=64'):
+    config_lib.validate(c)

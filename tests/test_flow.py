@@ -58,7 +58,7 @@ def _oracle(keep_ratio_target=False):
 @pytest.mark.parametrize('mask_ratio', [0.0, 0.5])
 def test_flow_loss(mask_ratio):
   apply_fn, x0_value = _oracle()
-  batch = {'image': jnp.full((4, 8, 8, 3), x0_value), 'text_ids': jnp.zeros((4, 5), jnp.int32),
+  batch = {'x0': jnp.full((4, 8, 8, 3), x0_value), 'text': jnp.zeros((4, 5), jnp.int32),
            'text_mask': jnp.ones((4, 5), bool)}
   key = jax.random.key(3)
   loss, aux = flow.flow_loss(apply_fn, 1.0, batch, key, mask_ratio=mask_ratio, patch_size=2)

@@ -24,7 +24,7 @@ def default_data_config() -> ml_collections.ConfigDict:
   cfg.tokenizer_path = ''             # '' = train/reuse one next to the dataset; else this .model file
   cfg.text_length = 32                # token ids per caption (padded / truncated)
   cfg.caption_dropout = 0.1           # probability of the empty caption (classifier-free guidance)
-  cfg.seed = 0                        # dataset generation, shuffling and caption dropout
+  cfg.seed = 0                        # what a generated dataset holds (shapes scenes); not the training order
   cfg.worker_count = 0                # grain worker processes; 0 = in-process with a prefetch thread
   cfg.vae_dir = ''                    # diffusers AutoencoderKL folder: prepare encodes images to latents
   cfg.text_encoder_dir = ''           # T5 / CLIP text folder: frozen pretrained text encoder (no BPE training)
@@ -34,10 +34,11 @@ def default_data_config() -> ml_collections.ConfigDict:
   return cfg
 
 
-# Keys beyond the ones every experiment sets; a config without them gets these values.
-OPTIONAL_DEFAULTS = {'on_bad_image': 'skip', 'latent_shape': (), 'tokenizer_path': '', 'vae_dir': '',
-                     'text_encoder_dir': '', 'precompute_text': True, 'sample_latents': False,
-                     'text_states_dtype': 'float16'}
+# Keys beyond the ones every experiment sets; a config without them (an older run's config.json) gets the
+# defaults above.
+OPTIONAL_KEYS = ('on_bad_image', 'latent_shape', 'tokenizer_path', 'vae_dir', 'text_encoder_dir',
+                 'precompute_text', 'sample_latents', 'text_states_dtype')
+OPTIONAL_DEFAULTS = {k: default_data_config()[k] for k in OPTIONAL_KEYS}
 
 
 def option(cfg, key: str):

@@ -10,13 +10,16 @@ data.dir, train.num_steps, train.batch_size, train.log_every, train.checkpoint_e
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import numbers
+import pathlib
 from typing import Any
 
 import ml_collections
 from ml_collections import config_dict
 
+from ecdit.config.data import default_data_config, option, validate_data_config
 from ecdit.config.model import ModelConfig
 
 OPTIMIZERS = ('adamw', 'rmsprop')
@@ -37,7 +40,6 @@ def _model_section() -> ml_collections.ConfigDict:
 
 
 def _data_section() -> ml_collections.ConfigDict:
-  from ecdit.config.data import default_data_config
   return default_data_config()
 
 
@@ -94,6 +96,16 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def experiment_module(path):
+  """The module of an experiment file (what `--config=path` reads), loaded by path: experiment files are
+  not a package, so one that builds on another (shapes_small on shapes_tiny) loads it with this."""
+  path = pathlib.Path(path)
+  spec = importlib.util.spec_from_file_location(f'ecdit_experiment_{path.stem}', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
 def apply_paper_recipe(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The paper's training recipe (shared/research/paper.md §4): rectified flow with logit-normal t, 50% token
   masking, RMSProp with momentum at lr 1e-4 after 20K warm-up steps, batch 4096 for 800K steps. RMSProp's
@@ -113,10 +125,34 @@ def apply_paper_recipe(c: ml_collections.ConfigDict) -> ml_collections.ConfigDic
   return c
 
 
+def data_implied_model(data_cfg, text_encoder: str | None = 'transformer') -> dict[str, tuple[Any, str]]:
+  """The model fields the data decides: {field: (value, where it comes from)}.
+
+  The model's image size and channels are the dataset's pixels (or its stored latents), its vocabulary and
+  text length the tokenizer's. With data.vae_dir / data.text_encoder_dir the frozen models' own configs
+  decide those shapes instead; they are checked when a run starts (ecdit.train.frozen.check), not here. A
+  model reading precomputed text states has no vocabulary to take.
+  """
+  latent, vae_dir = tuple(option(data_cfg, 'latent_shape') or ()), option(data_cfg, 'vae_dir')
+  out = {'text_length': (data_cfg.text_length, 'data.text_length')}
+  if text_encoder != 'precomputed' and not option(data_cfg, 'text_encoder_dir'):
+    out['vocab_size'] = (data_cfg.vocab_size, 'data.vocab_size')
+  if latent and not vae_dir:
+    out['image_size'] = (latent[0], 'data.latent_shape[0]')
+    out['in_channels'] = (latent[-1], 'data.latent_shape[-1]')
+  elif not vae_dir:
+    out['image_size'] = (data_cfg.image_size, 'data.image_size')
+    out['in_channels'] = (3, 'RGB images (3)')
+  return out
+
+
 def model_config(cfg) -> ModelConfig:
-  """The resolved ModelConfig of an experiment (preset + explicit keys), validated."""
+  """The resolved ModelConfig of an experiment: the preset (model.size), then what the data implies
+  (`data_implied_model`), then the explicit model.* keys; validated."""
   values = {k: v for k, v in cfg.model.items() if v is not None}
-  return ModelConfig.from_dict(values)
+  implied = data_implied_model(cfg.data, values.get('text_encoder'))
+  implied = {k: v for k, (v, _) in implied.items() if k not in values}
+  return ModelConfig.from_dict({**implied, **values}) if implied else ModelConfig.from_dict(values)
 
 
 class ConfigError(ValueError):
@@ -204,37 +240,24 @@ def validate(cfg) -> ModelConfig:
     _fail('mesh', dict(cfg.mesh), 'at most one axis of size -1')
 
   try:
-    mcfg = model_config(cfg)
-  except (ValueError, TypeError) as e:
-    raise ConfigError(str(e).splitlines()[0]) from None
-
-  from ecdit.config.data import validate_data_config
-  try:
     validate_data_config(cfg.data)
   except ValueError as e:
     raise ConfigError(str(e).splitlines()[0]) from None
 
-  # The model and the data must agree on the shapes they exchange. With latents (data.latent_shape =
-  # (h, w, c)) the model's input is the latent, not the image.
-  # With data.vae_dir / data.text_encoder_dir the frozen models' own configs decide the shapes; those are
-  # checked against the model when a run starts (ecdit.train.frozen.check), not here.
-  latent = tuple(cfg.data.get('latent_shape', ()) or ())
-  vae_dir, text_dir = cfg.data.get('vae_dir', ''), cfg.data.get('text_encoder_dir', '')
+  try:
+    mcfg = model_config(cfg)
+  except (ValueError, TypeError) as e:
+    raise ConfigError(str(e).splitlines()[0]) from None
+
+  text_dir = option(cfg.data, 'text_encoder_dir')
   if text_dir and mcfg.text_encoder != 'precomputed':
     _fail('model.text_encoder', mcfg.text_encoder,
           "'precomputed' with data.text_encoder_dir (the model reads the frozen encoder's states)")
   if not text_dir and mcfg.text_encoder != 'transformer':
     _fail('model.text_encoder', mcfg.text_encoder,
           "'transformer' for training on token ids (or set data.text_encoder_dir for a pretrained encoder)")
-  pairs = [('text_length', cfg.data.text_length, 'data.text_length')]
-  if not text_dir:
-    pairs.append(('vocab_size', cfg.data.vocab_size, 'data.vocab_size'))
-  # With a VAE its own config decides the latent shape, and frozen.check compares the model against it.
-  if latent and not vae_dir:
-    pairs += [('image_size', latent[0], 'data.latent_shape[0]'), ('in_channels', latent[-1], 'data.latent_shape[-1]')]
-  elif not vae_dir:
-    pairs += [('image_size', cfg.data.image_size, 'data.image_size'), ('in_channels', 3, 'RGB images (3)')]
-  for mkey, want, where in pairs:
+  # An explicit model.* key that the data decides must agree with it (unset ones were taken from it).
+  for mkey, (want, where) in data_implied_model(cfg.data, mcfg.text_encoder).items():
     if getattr(mcfg, mkey) != want:
       _fail(f'model.{mkey}', getattr(mcfg, mkey), f'{where}={want!r} (they must match)')
   return mcfg

@@ -21,6 +21,7 @@ import jax
 import numpy as np
 
 from ecdit.config import data as config_lib
+from ecdit.data import batch as batch_lib
 from ecdit.data import prepare as prepare_lib
 from ecdit.data import reader
 
@@ -40,7 +41,8 @@ def _uniform(seed: int, positions: np.ndarray) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True)
 class _Collate:
-  """Turns a list of stream elements into one host batch (picklable, for grain worker processes)."""
+  """Turns a list of stream elements into one host batch of the `ecdit.data.batch` contract (picklable, for
+  grain worker processes)."""
   tokenizer: Any
   dropout: float
   dropout_seed: int
@@ -50,18 +52,20 @@ class _Collate:
     positions = np.array([e['position'] for e in elements], np.uint64)
     keep = _uniform(self.dropout_seed, positions) >= self.dropout
     captions = [e['caption'].decode('utf-8') if k else '' for e, k in zip(elements, keep)]
-    image = np.stack([e['image'] for e in elements]).astype(np.float32)
-    batch = {'image': image * np.float32(2.0 / 255.0) - np.float32(1.0), 'caption': captions}
+    image = np.stack([e['image'] for e in elements]).astype(np.float32) * np.float32(2.0 / 255.0) - np.float32(1.0)
+    batch = {'image': image, 'caption': captions}
     if 'text_states' in elements[0]:   # precomputed by a frozen encoder; dropped captions get the '' states
       null_states, null_mask = self.null_text
-      batch['text_states'] = np.stack([e['text_states'] if k else null_states
-                                       for e, k in zip(elements, keep)]).astype(np.float32)
+      batch['text'] = np.stack([e['text_states'] if k else null_states
+                                for e, k in zip(elements, keep)]).astype(np.float32)
       batch['text_mask'] = np.stack([e['text_mask'] if k else null_mask
                                      for e, k in zip(elements, keep)]).astype(bool)
     else:
-      batch['text_ids'], batch['text_mask'] = self.tokenizer.encode_batch(captions)
+      batch['text'], batch['text_mask'] = self.tokenizer.encode_batch(captions)
     if 'latent' in elements[0]:
-      batch['latent'] = np.stack([e['latent'] for e in elements]).astype(np.float32)
+      batch['x0'] = np.stack([e['latent'] for e in elements]).astype(np.float32)
+    else:
+      batch['x0'] = image
     return batch
 
 
@@ -106,11 +110,10 @@ class TrainIterator:
     self._step += 1
     if self._sharding is None:
       return batch
-    out = {'caption': batch['caption']}
-    for key, value in batch.items():
-      if key != 'caption':
-        shape = (self._global_batch_size,) + value.shape[1:]
-        out[key] = jax.make_array_from_process_local_data(self._sharding, value, shape)
+    out = {key: batch[key] for key in batch_lib.HOST_KEYS}
+    for key in batch_lib.STEP_KEYS:
+      shape = (self._global_batch_size,) + batch[key].shape[1:]
+      out[key] = jax.make_array_from_process_local_data(self._sharding, batch[key], shape)
     return out
 
   @property
@@ -132,17 +135,17 @@ class TrainIterator:
     self._iter = None   # restarted lazily from the new position
 
 
-def make_train_iterator(data_cfg, *, global_batch_size: int, sharding, tokenizer, split: str = 'train',
-                        seed: int | None = None, process_index: int | None = None,
+def make_train_iterator(data_cfg, *, global_batch_size: int, sharding, tokenizer, seed: int,
+                        split: str = 'train', process_index: int | None = None,
                         process_count: int | None = None, num_epochs: int | None = None) -> TrainIterator:
-  """Batches of {'image' f32 [B,H,W,C] in [-1,1], 'text_ids' i32 [B,L], 'text_mask' bool [B,L], 'caption'
-  (host-local list of str), 'latent' (if the dataset has it)}. A dataset with precomputed text states
-  (ecdit.data.latents) gives 'text_states' f32 [B,L,D] instead of 'text_ids' (the empty caption's states for
-  dropped captions) and needs no tokenizer (`tokenizer=None`).
+  """Batches of the `ecdit.data.batch` contract: 'x0', 'text', 'text_mask' for the step, 'image' and
+  'caption' for the host. A dataset with precomputed text states (ecdit.data.latents) needs no tokenizer
+  (`tokenizer=None`).
 
-  With a `jax.sharding.Sharding` the arrays are global `jax.Array`s of batch size `global_batch_size` (the
-  sharding must only split the leading, batch axis); with `sharding=None` they are this process's numpy
-  rows. `process_index`/`process_count` default to JAX's; tests pass them to simulate several hosts.
+  With a `jax.sharding.Sharding` the step arrays are global `jax.Array`s of batch size `global_batch_size`
+  (the sharding must only split the leading, batch axis); with `sharding=None` they are this process's
+  numpy rows. The host values are always this process's rows. `seed` (the experiment's top-level `seed`)
+  decides the order and the caption dropout; `data.seed` only decides what a generated dataset holds. `process_index`/`process_count` default to JAX's; tests pass them to simulate several hosts.
   `num_epochs=None` repeats forever; otherwise the stream stops after that many epochs (whole batches only).
   The dataset must already be prepared (`ecdit.data.prepare.prepare`).
   """
@@ -156,8 +159,7 @@ def make_train_iterator(data_cfg, *, global_batch_size: int, sharding, tokenizer
                      f'count {n}')
   if num_epochs is not None and num_epochs < 1:
     raise ValueError(f'num_epochs={num_epochs}: expected None (repeat forever) or >= 1')
-  seed = data_cfg.seed if seed is None else int(seed)
-  if not 0 <= seed < 2**31:
+  if not isinstance(seed, int) or not 0 <= seed < 2**31:
     raise ValueError(f'seed={seed}: expected an integer in [0, 2**31)')
   local = global_batch_size // n
 

@@ -10,7 +10,7 @@ from typing import Any, Callable, Mapping
 import jax
 import jax.numpy as jnp
 
-T_SAMPLINGS = ('logit_normal', 'uniform')
+from ecdit.config.experiment import T_SAMPLINGS
 
 
 def sample_t(key, batch: int, *, sampling: str = 'logit_normal', mean: float = 0.0, std: float = 1.0):
@@ -64,15 +64,15 @@ def sum_collection(tree) -> jax.Array:
 def flow_loss(apply_fn: Callable[..., Any], params, batch: Mapping[str, jax.Array], key, *,
               t_sampling: str = 'logit_normal', t_mean: float = 0.0, t_std: float = 1.0,
               mask_ratio: float = 0.0, patch_size: int = 2):
-  """Rectified-flow MSE for one batch.
+  """Rectified-flow MSE for one batch (`ecdit.data.batch` step arrays: x0, text, text_mask).
 
-  `apply_fn(params, x_t, t, text_ids, text_mask, keep_idx)` returns `(prediction, collections)`: the
+  `apply_fn(params, x_t, t, text, text_mask, keep_idx)` returns `(prediction, collections)`: the
   velocity `[B,H,W,C]` when keep_idx is None, else the kept patches `[B,K,patch_dim]`. With
   mask_ratio > 0 a random fraction of image tokens is dropped from the backbone's input and the loss is
   taken on the kept tokens only. Returns `(loss, aux)`; aux holds the pure flow loss, the auxiliary
   (balance) loss and the sown collections.
   """
-  x0 = batch['image'].astype(jnp.float32)
+  x0 = batch['x0'].astype(jnp.float32)
   b, h, w, _ = x0.shape
   k_t, k_noise, k_mask = jax.random.split(key, 3)
   t = sample_t(k_t, b, sampling=t_sampling, mean=t_mean, std=t_std)
@@ -84,8 +84,7 @@ def flow_loss(apply_fn: Callable[..., Any], params, batch: Mapping[str, jax.Arra
     n = (h // patch_size) * (w // patch_size)
     keep_idx = random_keep_idx(k_mask, b, n, num_kept(n, mask_ratio))
     target = jnp.take_along_axis(patchify(target, patch_size), keep_idx[:, :, None], axis=1)
-  text = batch['text_states'] if 'text_states' in batch else batch['text_ids']   # frozen encoder's, or ids
-  pred, collections = apply_fn(params, x_t, t, text, batch['text_mask'], keep_idx)
+  pred, collections = apply_fn(params, x_t, t, batch['text'], batch['text_mask'], keep_idx)
   mse = jnp.mean(jnp.square(pred.astype(jnp.float32) - target))
   aux_loss = sum_collection(collections.get('losses', {}))
   return mse + aux_loss, {'flow_loss': mse, 'aux_loss': aux_loss,

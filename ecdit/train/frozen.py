@@ -150,8 +150,8 @@ def decoder(data_cfg) -> Callable[[Any], np.ndarray] | None:
 
 
 def text_step(data_cfg, mesh) -> Callable[[dict], dict] | None:
-  """With data.precompute_text=False: `batch -> batch` replacing 'text_ids' by the frozen encoder's
-  'text_states', jitted on `mesh` (parameters replicated, outside the train state, gradients stopped).
+  """With data.precompute_text=False: `batch -> batch` replacing the token ids in 'text' by the frozen
+  encoder's states, jitted on `mesh` (parameters replicated, outside the train state, gradients stopped).
   None otherwise."""
   if not text_on_the_fly(data_cfg):
     return None
@@ -166,7 +166,5 @@ def text_step(data_cfg, mesh) -> Callable[[dict], dict] | None:
     return jax.lax.stop_gradient(enc.apply(p, ids, mask))
 
   def step(batch: dict) -> dict:
-    out = {k: v for k, v in batch.items() if k != 'text_ids'}
-    out['text_states'] = encode(params, batch['text_ids'], batch['text_mask'])
-    return out
+    return {**batch, 'text': encode(params, batch['text'], batch['text_mask'])}
   return step

@@ -17,6 +17,7 @@ from ecdit.diffusion import sampler as sampler_lib
 from ecdit.models import ecdit as ecdit_model
 from ecdit.train import checkpoint as ckpt_lib
 from ecdit.config import experiment as config_lib
+from ecdit.data import batch as batch_lib
 from ecdit.train import frozen
 from ecdit.train import optim
 from ecdit.train import state as state_lib
@@ -101,14 +102,6 @@ def _data(cfg, mesh):
   return tok, it
 
 
-def model_batch(batch) -> dict:
-  """The arrays the step consumes; with precomputed latents the model's input is the latent, with
-  precomputed text states (a frozen pretrained encoder) its text input is those states."""
-  image = batch['latent'] if 'latent' in batch else batch['image']
-  text = 'text_states' if 'text_states' in batch else 'text_ids'
-  return {'image': image, text: batch[text], 'text_mask': batch['text_mask']}
-
-
 def preview(setup: Setup, sampler, params, tokenizer, path: Path, decode=None) -> Path | None:
   """A grid of samples, written by process 0 (the others only help gather the parameters)."""
   prompts = [p.strip() for p in setup.cfg.sample.prompts.split(';') if p.strip()]
@@ -175,7 +168,7 @@ def train(cfg, workdir: str | Path, *, progress: bool = True, data_fn=None, devi
   prev_loss = None
   try:
     for i in range(start, t.num_steps):
-      batch = model_batch(next(data_iter))
+      batch = batch_lib.step_inputs(next(data_iter))
       if encode_text is not None:
         batch = encode_text(batch)
       if compiled is None:
