@@ -148,7 +148,7 @@ def test_optional_latent_feature(tmp_path):
   # The batch contract: with stored latents the flow diffuses the latent (x0), the pixels stay on the host.
   cfg = folder_cfg(tmp_path / 'data', src, latent_shape=(4, 4, 2))
   batch = next(pipeline.make_train_iterator(cfg, global_batch_size=3, sharding=None,
-                                            tokenizer=tokenizer_lib.load_or_train_tokenizer(cfg), seed=0))
+                                            tokenizer=prepare_lib.load_or_train_tokenizer(cfg), seed=0))
   assert batch['x0'].shape == (3, 4, 4, 2) and sorted(batch['x0'][:, 0, 0, 0]) == [0.0, 1.0, 2.0]
   assert batch['image'].shape[0] == 3 and batch['image'].shape[-1] == 3
   np.save(src / 'img0.npy', np.zeros((3,), np.float32))

@@ -21,7 +21,7 @@ def setup(tmp_path_factory):
   cfg.num_train_examples, cfg.num_validation_examples, cfg.num_eval_prompts = N_TRAIN, 40, 0
   cfg.text_length = 12
   prepare_lib.prepare(cfg, verbose=False)
-  return cfg, tokenizer_lib.load_or_train_tokenizer(cfg)
+  return cfg, prepare_lib.load_or_train_tokenizer(cfg)
 
 
 def make(setup, gbs=32, sharding=None, seed=0, **kwargs):

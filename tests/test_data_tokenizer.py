@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from ecdit.config import data as config_lib
+from ecdit.data import prepare as prepare_lib
 from ecdit.data import shapes as S
 from ecdit.data import tokenizer as T
 
@@ -60,22 +61,22 @@ def test_errors(model_path, tmp_path):
 def test_explicit_tokenizer_path_in_config(model_path, tmp_path):
   cfg = config_lib.default_data_config()
   cfg.dir, cfg.tokenizer_path, cfg.vocab_size, cfg.text_length = str(tmp_path), str(model_path), 96, 10
-  tok = T.load_or_train_tokenizer(cfg)   # no dataset needed with an explicit tokenizer
+  tok = prepare_lib.load_or_train_tokenizer(cfg)   # no dataset needed with an explicit tokenizer
   assert tok.length == 10 and tok.vocab_size == 96
   cfg.vocab_size = 64
   with pytest.raises(ValueError, match='data.vocab_size=64'):
-    T.load_or_train_tokenizer(cfg)
+    prepare_lib.load_or_train_tokenizer(cfg)
 
 
 def test_trained_next_to_dataset_and_reused(tmp_path):
   cfg = config_lib.default_data_config()
   cfg.dir, cfg.num_train_examples, cfg.num_validation_examples, cfg.num_eval_prompts = str(tmp_path), 120, 0, 0
   cfg.vocab_size = 80
-  tok = T.load_or_train_tokenizer(cfg)
+  tok = prepare_lib.load_or_train_tokenizer(cfg)
   assert tok.model_path.parent == tok.model_path.parent.parent / '1.0.0'   # inside the dataset's directory
   assert tok.model_path.name == 'tokenizer_bpe80.model' and tok.vocab_size == 80
   stamp = tok.model_path.stat().st_mtime_ns
-  assert T.load_or_train_tokenizer(cfg).model_path.stat().st_mtime_ns == stamp
+  assert prepare_lib.load_or_train_tokenizer(cfg).model_path.stat().st_mtime_ns == stamp
   cfg.vocab_size = 4000
   with pytest.raises(ValueError, match='data.vocab_size=4000 is too large'):
-    T.load_or_train_tokenizer(cfg)
+    prepare_lib.load_or_train_tokenizer(cfg)

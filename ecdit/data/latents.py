@@ -35,12 +35,12 @@ import numpy as np
 from ecdit.data import features as features_lib
 from ecdit.data import reader
 from ecdit.config.data import TEXT_DTYPES
+from ecdit.models import text_pretrained
 
 NULL_TEXT_FILE = 'null_text.npz'
 
 
 def _fingerprints(vae, text_encoder) -> tuple[str, str]:
-  from ecdit.models import text_pretrained   # pylint: disable=import-outside-toplevel
   vae_fp = text_fp = ''
   if vae is not None:
     if getattr(vae, 'folder', None) is not None:
@@ -80,7 +80,6 @@ def encoded_dataset_dir_from_paths(src_dir, *, vae_dir: str = '', text_encoder_d
   """The same directory as `encoded_dataset_dir`, from the model folders alone (no weights are read), for
   the training pipeline to find a dataset `ecdit prepare` encoded. `text_length` as given to
   `load_text_encoder` (None there means its default: pass the same value)."""
-  from ecdit.models import text_pretrained   # pylint: disable=import-outside-toplevel
   vae_fp = text_pretrained.fingerprint_folder(pathlib.Path(vae_dir).expanduser().resolve()) if vae_dir else ''
   text_fp = ''
   if text_encoder_dir:

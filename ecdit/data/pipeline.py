@@ -24,6 +24,7 @@ from ecdit.config import data as config_lib
 from ecdit.data import batch as batch_lib
 from ecdit.data import prepare as prepare_lib
 from ecdit.data import reader
+from ecdit.data import latents
 
 _STATE_VERSION = 1
 _MASK64 = (1 << 64) - 1
@@ -171,7 +172,6 @@ def make_train_iterator(data_cfg, *, global_batch_size: int, sharding, tokenizer
   features = reader.open_builder(path).info.features
   null_text = None
   if 'text_states' in features.keys():
-    from ecdit.data import latents   # pylint: disable=import-outside-toplevel
     null_text = latents.read_null_text(path)
     text_length = int(features['text_states'].shape[0])
   elif tokenizer is None:

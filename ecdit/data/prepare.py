@@ -19,23 +19,22 @@ from absl import logging
 from ml_collections import config_flags
 
 from ecdit.config import data as config_lib
+from ecdit.data import folder_builder, latents, reader, shapes_builder, tokenizer
+from ecdit.models.text_pretrained import load_text_encoder
+from ecdit.models.vae import load_vae
 
 
 def _builder(data_cfg, data_dir: pathlib.Path):
   if data_cfg.name == 'shapes':
-    from ecdit.data import shapes_builder   # pylint: disable=import-outside-toplevel
     return shapes_builder.ShapesBuilder(config=shapes_builder.shapes_config(data_cfg), data_dir=str(data_dir),
                                         file_format='array_record')
-  from ecdit.data import folder_builder   # pylint: disable=import-outside-toplevel
   return folder_builder.ImageTextFolderBuilder(config=folder_builder.folder_config(data_cfg),
                                                data_dir=str(data_dir), file_format='array_record')
 
 
 def _config_name(data_cfg) -> str:
   if data_cfg.name == 'shapes':
-    from ecdit.data import shapes_builder   # pylint: disable=import-outside-toplevel
     return shapes_builder.shapes_config(data_cfg).name
-  from ecdit.data import folder_builder   # pylint: disable=import-outside-toplevel
   return folder_builder.folder_config(data_cfg).name
 
 
@@ -64,7 +63,6 @@ def dataset_dir(data_cfg) -> pathlib.Path:
   settings = _precompute_settings(data_cfg)
   if settings is None:
     return raw
-  from ecdit.data import latents   # pylint: disable=import-outside-toplevel
   return latents.encoded_dataset_dir_from_paths(raw, **settings)
 
 
@@ -73,7 +71,6 @@ def _size_bytes(path: pathlib.Path) -> int:
 
 
 def describe(path: pathlib.Path) -> str:
-  from ecdit.data import reader   # pylint: disable=import-outside-toplevel
   splits = reader.open_builder(path).info.splits
   counts = ', '.join(f'{name} {splits[name].num_examples}' for name in splits)
   return f'{path}: {counts} examples, {_size_bytes(path) / 2**20:.1f} MiB'
@@ -121,7 +118,6 @@ def _build(data_cfg, final: pathlib.Path, verbose: bool) -> None:
 
 def prepare(data_cfg, *, verbose: bool = True) -> pathlib.Path:
   """Makes sure the dataset and its tokenizer exist; returns the dataset directory. Idempotent."""
-  from ecdit.data import reader, tokenizer   # pylint: disable=import-outside-toplevel
   final = imported_dataset_dir(data_cfg)
   if (final / 'dataset_info.json').is_file():
     reader.open_builder(final, data_cfg.image_size)   # wrong feature shape → clear error
@@ -137,18 +133,27 @@ def prepare(data_cfg, *, verbose: bool = True) -> pathlib.Path:
   return final
 
 
+def load_or_train_tokenizer(data_cfg) -> tokenizer.Tokenizer:
+  """The tokenizer for a data config: data.tokenizer_path if set, else the one next to the dataset
+  (materialising the dataset and training the tokenizer first if needed)."""
+  config_lib.validate_data_config(data_cfg)
+  explicit = config_lib.option(data_cfg, 'tokenizer_path')
+  if explicit:
+    return tokenizer.load_tokenizer(explicit, data_cfg.vocab_size, data_cfg.text_length)
+  dataset_dir = prepare(data_cfg, verbose=False)
+  path = tokenizer.ensure_tokenizer(dataset_dir, data_cfg)
+  return tokenizer.load_tokenizer(path, data_cfg.vocab_size, data_cfg.text_length)
+
+
 def _precompute(data_cfg, imported: pathlib.Path, settings: dict, verbose: bool) -> pathlib.Path:
   """Encodes the imported dataset's images (VAE) and/or captions (text encoder) into its encoded copy."""
-  from ecdit.data import latents   # pylint: disable=import-outside-toplevel
   expected = dataset_dir(data_cfg)
   if (expected / 'dataset_info.json').is_file():
     return expected   # done before: do not even load the weights
   vae = text_encoder = None
   if settings['vae_dir']:
-    from ecdit.models.vae import load_vae   # pylint: disable=import-outside-toplevel
     vae = load_vae(settings['vae_dir'])
   if settings['text_encoder_dir']:
-    from ecdit.models.text_pretrained import load_text_encoder   # pylint: disable=import-outside-toplevel
     text_encoder = load_text_encoder(settings['text_encoder_dir'], length=settings['text_length'])
   start = time.perf_counter()
   out = latents.precompute(imported, vae=vae, text_encoder=text_encoder, sample=settings['sample'],

@@ -18,6 +18,8 @@ from typing import Iterable, Sequence
 import numpy as np
 import sentencepiece as spm
 
+from ecdit.data import reader
+
 PAD_ID, UNK_ID, EOS_ID = 0, 1, 2
 
 
@@ -133,19 +135,5 @@ def ensure_tokenizer(dataset_dir: str | pathlib.Path, data_cfg) -> pathlib.Path:
   """The dataset's tokenizer file for data_cfg.vocab_size, training it from the train captions if missing."""
   path = tokenizer_file(dataset_dir, data_cfg.vocab_size)
   if not path.is_file():
-    from ecdit.data import reader   # pylint: disable=import-outside-toplevel
     train_sentencepiece(reader.captions(dataset_dir, 'train'), data_cfg.vocab_size, path)
   return path
-
-
-def load_or_train_tokenizer(data_cfg) -> Tokenizer:
-  """The tokenizer for a data config: data.tokenizer_path if set, else the one next to the dataset
-  (materialising the dataset and training the tokenizer first if needed)."""
-  from ecdit.config import data as config_lib   # pylint: disable=import-outside-toplevel
-  config_lib.validate_data_config(data_cfg)
-  explicit = config_lib.option(data_cfg, 'tokenizer_path')
-  if explicit:
-    return load_tokenizer(explicit, data_cfg.vocab_size, data_cfg.text_length)
-  from ecdit.data import prepare as prepare_lib   # pylint: disable=import-outside-toplevel
-  dataset_dir = prepare_lib.prepare(data_cfg, verbose=False)
-  return load_tokenizer(ensure_tokenizer(dataset_dir, data_cfg), data_cfg.vocab_size, data_cfg.text_length)

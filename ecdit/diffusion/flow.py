@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from ecdit.config.experiment import T_SAMPLINGS
+from ecdit.layers.dit import patchify   # the model's token layout: the masked loss compares kept patches
 
 
 def sample_t(key, batch: int, *, sampling: str = 'logit_normal', mean: float = 0.0, std: float = 1.0):
@@ -42,17 +43,6 @@ def random_keep_idx(key, batch: int, num_tokens: int, keep: int):
   scores = jax.random.uniform(key, (batch, num_tokens))
   idx = jnp.argsort(scores, axis=1)[:, :keep]
   return jnp.sort(idx, axis=1).astype(jnp.int32)
-
-
-def patchify(x, p: int):
-  """[B, H, W, C] -> [B, (H/p)·(W/p), p·p·C], row-major patches (same layout as ecdit.layers.dit)."""
-  try:
-    from ecdit.layers.dit import patchify as model_patchify
-  except ImportError:  # the model's own layout wins when it exists.
-    b, h, w, c = x.shape
-    x = x.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
-    return x.reshape(b, (h // p) * (w // p), p * p * c)
-  return model_patchify(x, p)
 
 
 def sum_collection(tree) -> jax.Array:

@@ -16,9 +16,16 @@ import functools
 import pathlib
 from typing import Any, Callable, Sequence
 
+import jax
 import numpy as np
 
+from ecdit import parallel
 from ecdit.config import data as data_config
+from ecdit.config.experiment import ConfigError
+from ecdit.data.prepare import load_or_train_tokenizer
+from ecdit.models import clip_text, hf_loading as hf, t5_encoder
+from ecdit.models.text_pretrained import load_text_encoder
+from ecdit.models.vae import VAEConfig, load_vae
 
 
 def _opt(data_cfg, key: str):
@@ -40,8 +47,6 @@ def uses_vae(data_cfg) -> bool:
 
 def _text_states_dim(folder: pathlib.Path) -> tuple[str, int, int | None]:
   """(kind, states width, max positions or None) of a text encoder folder, from config.json only."""
-  from ecdit.models import clip_text, t5_encoder   # pylint: disable=import-outside-toplevel
-  from ecdit.models import hf_loading as hf   # pylint: disable=import-outside-toplevel
   raw = hf.read_config(hf.require_dir(folder, 'text encoder'))
   kind = raw.get('model_type')
   if kind in ('t5', 'mt5', 'umt5'):
@@ -55,8 +60,6 @@ def _text_states_dim(folder: pathlib.Path) -> tuple[str, int, int | None]:
 
 def check(cfg, mcfg) -> None:
   """Raises ConfigError when the model cannot read what the configured VAE / text encoder produce."""
-  from ecdit.models import hf_loading as hf   # pylint: disable=import-outside-toplevel
-  from ecdit.config.experiment import ConfigError   # pylint: disable=import-outside-toplevel
   d = cfg.data
   try:
     if uses_text_encoder(d):
@@ -69,7 +72,6 @@ def check(cfg, mcfg) -> None:
         raise ConfigError(f'data.text_length={d.text_length} is invalid: the CLIP text encoder in '
                           f'{str(folder)!r} has {positions} positions')
     if uses_vae(d):
-      from ecdit.models.vae import VAEConfig   # pylint: disable=import-outside-toplevel
       folder = hf.require_dir(pathlib.Path(_opt(d, 'vae_dir')).expanduser(), 'VAE')
       vcfg = VAEConfig.from_json(hf.read_config(folder), folder)
       f = vcfg.downsample_factor
@@ -87,13 +89,11 @@ def check(cfg, mcfg) -> None:
 
 @functools.lru_cache(maxsize=2)
 def _load_text(folder: str, length: int):
-  from ecdit.models.text_pretrained import load_text_encoder   # pylint: disable=import-outside-toplevel
   return load_text_encoder(folder, length=length)
 
 
 @functools.lru_cache(maxsize=2)
 def _load_vae(folder: str):
-  from ecdit.models.vae import load_vae   # pylint: disable=import-outside-toplevel
   return load_vae(folder)
 
 
@@ -114,7 +114,6 @@ def pipeline_tokenizer(data_cfg):
   pretrained encoder's tokenizer (encoding on the fly), or ecdit's sentencepiece tokenizer."""
   if uses_text_encoder(data_cfg):
     return text_encoder(data_cfg).tokenizer if text_on_the_fly(data_cfg) else None
-  from ecdit.data.tokenizer import load_or_train_tokenizer   # pylint: disable=import-outside-toplevel
   return load_or_train_tokenizer(data_cfg)
 
 
@@ -137,7 +136,6 @@ def prompt_tokenizer(data_cfg, fallback=None):
     return PromptEncoder(text_encoder(data_cfg))
   if fallback is not None:
     return fallback
-  from ecdit.data.tokenizer import load_or_train_tokenizer   # pylint: disable=import-outside-toplevel
   return load_or_train_tokenizer(data_cfg)
 
 
@@ -155,8 +153,6 @@ def text_step(data_cfg, mesh) -> Callable[[dict], dict] | None:
   None otherwise."""
   if not text_on_the_fly(data_cfg):
     return None
-  import jax   # pylint: disable=import-outside-toplevel
-  from ecdit import parallel   # pylint: disable=import-outside-toplevel
   enc = text_encoder(data_cfg)
   rep, rows = parallel.replicated(mesh), parallel.batch_sharding(mesh)
   params = jax.device_put(enc.params, rep)

@@ -13,11 +13,12 @@ import numpy as np
 from absl import logging
 
 from ecdit import parallel
+from ecdit.config import experiment as config_lib
+from ecdit.data import batch as batch_lib
+from ecdit.data import pipeline, prepare
 from ecdit.diffusion import sampler as sampler_lib
 from ecdit.models import ecdit as ecdit_model
 from ecdit.train import checkpoint as ckpt_lib
-from ecdit.config import experiment as config_lib
-from ecdit.data import batch as batch_lib
 from ecdit.train import frozen
 from ecdit.train import optim
 from ecdit.train import state as state_lib
@@ -87,7 +88,6 @@ def resolved_config(cfg, mcfg) -> dict:
 
 
 def _data(cfg, mesh):
-  from ecdit.data import pipeline, prepare
   if jax.process_count() > 1:   # process 0 builds the dataset and tokenizer; the others then find them
     from jax.experimental import multihost_utils
     if jax.process_index() == 0:

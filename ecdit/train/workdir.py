@@ -16,7 +16,16 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
+import flax.linen as nn
+import ml_collections
+
+from ecdit.config import data as data_config
+from ecdit.config import experiment as config_lib
 from ecdit.config.model import ModelConfig
+from ecdit.data import prepare, tokenizer
+from ecdit.train import checkpoint as ckpt_lib
+from ecdit.train import frozen
+from ecdit.train import loop
 
 
 class WorkdirError(ValueError):
@@ -37,19 +46,16 @@ class Restored:
   @functools.cached_property
   def tokenizer(self):
     """What prompts are encoded with: ecdit's tokenizer, or the run's frozen pretrained text encoder."""
-    from ecdit.train import frozen   # pylint: disable=import-outside-toplevel
     return frozen.prompt_tokenizer(self.cfg.data)
 
   @functools.cached_property
   def decode(self) -> Callable[[Any], Any] | None:
     """latents → pixels in about [-1, 1] through the run's VAE (data.vae_dir); None for a pixel model."""
-    from ecdit.train import frozen   # pylint: disable=import-outside-toplevel
     return frozen.decoder(self.cfg.data)
 
   @property
   def image_size(self) -> int:
     """Side of the generated images in pixels (after the VAE decodes latents)."""
-    from ecdit.train import frozen   # pylint: disable=import-outside-toplevel
     return int(self.cfg.data.image_size if frozen.uses_vae(self.cfg.data) else self.model_config.image_size)
 
 
@@ -59,7 +65,6 @@ def _train_hint(workdir) -> str:
 
 def load_run_config(workdir: str | Path):
   """The run's ConfigDict from `<workdir>/config.json` (resolved model included, as trained)."""
-  import ml_collections   # pylint: disable=import-outside-toplevel
   workdir = Path(workdir)
   if not workdir.is_dir():
     raise WorkdirError(f'--workdir={workdir} does not exist, so no config.json there ({_train_hint(workdir)})')
@@ -80,8 +85,6 @@ def load_run_config(workdir: str | Path):
 def tokenizer_path(cfg) -> Path | None:
   """The run's sentencepiece model file if it exists (data.tokenizer_path, else the one beside the dataset);
   never trains or prepares anything."""
-  from ecdit.config import data as data_config   # pylint: disable=import-outside-toplevel
-  from ecdit.data import prepare, tokenizer   # pylint: disable=import-outside-toplevel
   try:
     explicit = data_config.option(cfg.data, 'tokenizer_path')
     path = Path(explicit) if explicit else tokenizer.tokenizer_file(prepare.dataset_dir(cfg.data),
@@ -98,11 +101,7 @@ def restore(workdir: str | Path, *, ema: bool = False,
   `require(cfg, model_config)` may raise ValueError to refuse the run before any checkpoint is read.
   Raises WorkdirError for a missing workdir / config.json / checkpoint, ConfigError for an invalid config.
   """
-  import flax.linen as nn   # pylint: disable=import-outside-toplevel
 
-  from ecdit.train import checkpoint as ckpt_lib   # pylint: disable=import-outside-toplevel
-  from ecdit.config import experiment as config_lib   # pylint: disable=import-outside-toplevel
-  from ecdit.train import loop   # pylint: disable=import-outside-toplevel
   workdir = Path(workdir)
   cfg = load_run_config(workdir)
   ck_dir = workdir / 'checkpoints'
