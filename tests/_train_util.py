@@ -74,7 +74,7 @@ class Batches:
     ids = r.randint(1, 128, (self.b, self.length)).astype(np.int32)
     mask = np.arange(self.length)[None, :] < r.randint(2, self.length, (self.b, 1))
     return {k: jax.device_put(v, self.sharding) for k, v in
-            dict(image=img, text_ids=ids, text_mask=mask).items()}
+            dict(x0=img, text=ids, text_mask=mask).items()}   # the ecdit.data.batch step arrays
 
   def get_state(self):
     return {'i': self.i}
