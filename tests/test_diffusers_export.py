@@ -19,7 +19,7 @@ import pytest
 torch = pytest.importorskip('torch', reason='torch is not installed (pip install -e .[torch])')
 pytest.importorskip('diffusers', reason='diffusers is not installed (pip install -e .[torch])')
 
-from _train_util import tiny_config  # noqa: E402
+from _train_util import saved_workdir, tiny_config  # noqa: E402
 from ecdit.data.tokenizer import Tokenizer, train_sentencepiece  # noqa: E402
 from ecdit.diffusion import sampler as sampler_lib  # noqa: E402
 from ecdit.export import diffusers as dexport  # noqa: E402
@@ -43,41 +43,36 @@ def tokenizer_file(tmp_path_factory):
 
 
 def make_workdir(root, tokenizer_file, **model):
-  """A tiny run's workdir with one checkpoint of perturbed step-0 params (EMA = 0.5·params)."""
-  from ecdit.config import experiment as config_lib
-  from ecdit.train import checkpoint as ckpt_lib
-  from ecdit.train import loop
-  workdir = root / 'run'
-  workdir.mkdir(parents=True)
+  """A tiny run's workdir with one checkpoint (step 4) of perturbed step-0 params (EMA = 0.5·params)."""
   cfg = tiny_config()
   for k, v in model.items():
     cfg.model[k] = v
   cfg.data.tokenizer_path = str(tokenizer_file)
   cfg.sample.cfg_scale = 3.0
-  mcfg = config_lib.validate(cfg)
-  setup = loop.build(cfg, mcfg)
-  state = setup.init_state()
-  leaves, tree = jax.tree.flatten(state.params)
-  keys = jax.random.split(jax.random.key(7), len(leaves))
-  params = jax.tree.unflatten(tree, [l + 0.05 * jax.random.normal(k, l.shape) for l, k in zip(leaves, keys)])
-  state = state.replace(params=params, ema_params=jax.tree.map(lambda p: 0.5 * p, params))
-  resolved = loop.resolved_config(cfg, mcfg)
-  (workdir / 'config.json').write_text(json.dumps(resolved, indent=2, sort_keys=True) + '\n')
-  ck = ckpt_lib.Checkpointer(workdir, use_async=False)
-  ck.save(4, state.replace(step=state.step + 4), {'version': 1, 'step': 4}, resolved)
-  ck.close()
-  return workdir
+  saved_workdir(root / 'run', cfg, step=4, seed=7)
+  return root / 'run'
+
+
+@pytest.fixture(scope='module')
+def export_of(tmp_path_factory, tokenizer_file):
+  """name → (name, restored EMA run, exported folder), each built once per module."""
+  from ecdit.train import workdir as workdir_lib
+  cache = {}
+
+  def get(name):
+    if name not in cache:
+      root = tmp_path_factory.mktemp(name)
+      workdir = make_workdir(root, tokenizer_file, **ROUTINGS[name])
+      run = workdir_lib.restore(workdir, ema=True)
+      # A tiny shard limit, so the transformer is written sharded with an index, as a large model would be.
+      cache[name] = name, run, dexport.export_diffusers(workdir, root / 'pipe', ema=True, max_shard_size='200KB')
+    return cache[name]
+  return get
 
 
 @pytest.fixture(scope='module', params=list(ROUTINGS))
-def exported(request, tmp_path_factory, tokenizer_file):
-  from ecdit.train import workdir as workdir_lib
-  root = tmp_path_factory.mktemp(request.param)
-  workdir = make_workdir(root, tokenizer_file, **ROUTINGS[request.param])
-  run = workdir_lib.restore(workdir, ema=True)
-  # A tiny shard limit, so the transformer is written sharded with an index, as a large model would be.
-  out = dexport.export_diffusers(workdir, root / 'pipe', ema=True, max_shard_size='200KB')
-  return request.param, run, out
+def exported(request, export_of):
+  return export_of(request.param)
 
 
 def jax_text(run, prompts):
@@ -187,12 +182,10 @@ def test_tokenizer_matches_ecdit(exported):
   np.testing.assert_array_equal(enc['attention_mask'].numpy(), mask)
 
 
-def test_diffusers_custom_code_loading_without_ecdit(exported, tmp_path):
+def test_diffusers_custom_code_loading_without_ecdit(export_of, tmp_path):
   """DiffusionPipeline.from_pretrained(trust_remote_code=True) in a process where ecdit and ecdit_torch cannot
   be imported gives the same images as ecdit_torch.load_pipeline."""
-  name, run, out = exported
-  if name != 'ec':
-    pytest.skip('one routing suffices for the loading path')
+  _, run, out = export_of('ec')
   mcfg = run.model_config
   noise = np.array(jax.random.normal(jax.random.key(5), (1, mcfg.in_channels, mcfg.image_size, mcfg.image_size)))
   np.save(tmp_path / 'noise.npy', noise)
@@ -216,8 +209,8 @@ np.save({str(tmp_path / "img.npy")!r}, img)
   np.testing.assert_array_equal(np.load(tmp_path / 'img.npy'), want)
 
 
-def test_ecdit_torch_imports_no_jax(exported):
-  _, _, out = exported
+def test_ecdit_torch_imports_no_jax(export_of):
+  _, _, out = export_of('ec')
   code = (f'import sys, ecdit_torch; ecdit_torch.load_pipeline({str(out)!r}); '
           'bad = [m for m in sys.modules if m == "jax" or m.startswith(("jax.", "flax", "ecdit."))]; '
           'assert not bad, bad')
@@ -234,11 +227,8 @@ def test_transformer_config_keys_are_model_config_fields():
 # ---- bad input ----------------------------------------------------------------------------------------
 
 @pytest.fixture(scope='module')
-def ec_workdir(exported):
-  name, run, _ = exported
-  if name != 'ec':
-    pytest.skip('bad-input checks run on the EC run')
-  return run.workdir
+def ec_workdir(export_of):
+  return export_of('ec')[1].workdir
 
 
 def test_missing_checkpoint_is_one_line(tmp_path, ec_workdir):
