@@ -89,3 +89,28 @@ def data_fn(nan_at=None):
   def make(cfg, mesh):
     return Tokens(cfg.data.text_length), Batches(cfg, batch_sharding(mesh), nan_at)
   return make
+
+
+def saved_workdir(workdir, cfg, *, step: int = 5, seed: int = 3):
+  """A workdir as `ecdit train` leaves it (config.json + one checkpoint at `step`), without training: the
+  step-0 state with every param perturbed (so each layer computes something non-trivial) and EMA = 0.5·params.
+  Returns (model config, unboxed params, unboxed EMA params)."""
+  import json
+  import flax.linen as nn
+  from ecdit.config import experiment as config_lib
+  from ecdit.train import checkpoint as ckpt_lib
+  from ecdit.train import loop
+  workdir = Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  mcfg = config_lib.validate(cfg)
+  state = loop.build(cfg, mcfg).init_state()
+  leaves, tree = jax.tree.flatten(state.params)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  params = jax.tree.unflatten(tree, [l + 0.05 * jax.random.normal(k, l.shape) for l, k in zip(leaves, keys)])
+  state = state.replace(params=params, ema_params=jax.tree.map(lambda p: 0.5 * p, params))
+  resolved = loop.resolved_config(cfg, mcfg)
+  (workdir / 'config.json').write_text(json.dumps(resolved, indent=2, sort_keys=True) + '\n')
+  ck = ckpt_lib.Checkpointer(workdir, use_async=False)
+  ck.save(step, state.replace(step=state.step + step), {'version': 1, 'step': step}, resolved)
+  ck.close()
+  return mcfg, nn.unbox(params), nn.unbox(state.ema_params)

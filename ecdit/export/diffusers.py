@@ -1,0 +1,227 @@
+"""A trained run as a diffusers pipeline folder: `export_diffusers(workdir, out_dir)`.
+
+    out/
+      model_index.json            ["pipeline_ecdit", "ECDiTPipeline"] + one [module, class] per component
+      pipeline_ecdit.py           the pipeline's code (ecdit_torch/pipeline_ecdit.py, copied)
+      transformer/                config.json, diffusion_pytorch_model.safetensors (sharded + index above
+                                  max_shard_size), transformer_ecdit.py + ecdit_reference.py (the code)
+      text_encoder/, tokenizer/   ecdit's text transformer (+ code) and sentencepiece model (+ code)
+      scheduler/                  FlowMatchEulerDiscreteScheduler, shift 1 (the pipeline passes ecdit's grid)
+      vae/                        the run's AutoencoderKL folder, copied (latent runs only)
+      ecdit_export.json, README.md  where it came from; the model card
+
+Load it with `ecdit_torch.load_pipeline(out)` (this package's classes), or without ecdit installed through
+diffusers' custom-code loading: `DiffusionPipeline.from_pretrained(out, trust_remote_code=True)`.
+Weights are float32 safetensors; nothing is pickled. The folder is written beside `out` and moved into place
+at the end, so a failed export leaves no half-written folder.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import diffusers
+import ecdit_torch
+from ecdit.config import data as data_config
+from ecdit.config.model import ModelConfig
+from ecdit.export import weights
+from ecdit.export.weights import ExportError
+from ecdit.train import workdir as workdir_lib
+from ecdit_torch.tokenizer_ecdit import ECDiTTokenizer
+from ecdit_torch.text_encoder_ecdit import ECDiTTextEncoder
+from ecdit_torch.transformer_ecdit import ECDiTTransformer2DModel
+
+CODE_DIR = Path(ecdit_torch.__file__).parent
+TEXT_PREFIX = 'text_encoder.'
+DEFAULT_SHARD = '5GB'
+# What each own component's folder carries as code, for diffusers' custom-code loading.
+CODE = {'': ['pipeline_ecdit.py'],
+        'transformer': ['transformer_ecdit.py', 'ecdit_reference.py'],
+        'text_encoder': ['text_encoder_ecdit.py', 'ecdit_reference.py'],
+        'tokenizer': ['tokenizer_ecdit.py']}
+# The ModelConfig fields the transformer component's config keeps (its __init__ arguments).
+TRANSFORMER_KEYS = tuple(k for k in inspect.signature(ECDiTTransformer2DModel.__init__).parameters if k != 'self')
+
+
+def reproducible(cfg, mcfg: ModelConfig) -> None:
+  """Raises ValueError when the pipeline could not reproduce the run's routing or conditioning."""
+  if mcfg.routing != 'dense' and mcfg.routing_scope == 'batch':
+    raise ValueError("model.routing_scope='batch' cannot be exported to a pipeline: each expert's capacity is "
+                     'shared by the whole batch, so an image would depend on the batch it is generated in')
+  if mcfg.routing != 'dense' and mcfg.routing_scope == 'group' and mcfg.num_tokens % mcfg.group_size:
+    raise ValueError(f'model.group_size={mcfg.group_size} does not divide the {mcfg.num_tokens} tokens of an '
+                     'image, so routing groups span images and an image would depend on its batch; not exportable')
+  if data_config.option(cfg.data, 'text_encoder_dir'):
+    raise ValueError('runs with a pretrained text encoder (data.text_encoder_dir) cannot be exported to diffusers '
+                     'yet; export the safetensors format instead')
+  if mcfg.text_encoder != 'transformer':
+    raise ValueError("model.text_encoder='precomputed' without data.text_encoder_dir: the text states' encoder "
+                     'is unknown, so a pipeline could not encode prompts')
+
+
+def _check_out(workdir: Path, out: Path, overwrite: bool) -> None:
+  if out == workdir or workdir in out.parents:
+    raise ExportError(f'--out={out} is inside --workdir={workdir}; choose a folder outside the training run')
+  if out.exists() and not out.is_dir():
+    raise ExportError(f'--out={out} exists and is not a directory')
+  if out.is_dir() and any(out.iterdir()) and not overwrite:
+    raise ExportError(f'--out={out} exists and is not empty; pass --overwrite to replace it')
+
+
+def _copy_code(folder: Path, names) -> None:
+  for name in names:
+    shutil.copyfile(CODE_DIR / name, folder / name)
+
+
+def _torch_tensors(tensors, prefix: str = '', keep=lambda name: True) -> dict:
+  return {k[len(prefix):]: torch.from_numpy(np.array(v, np.float32)) for k, v in tensors.items()
+          if k.startswith(prefix) and keep(k)}
+
+
+def _save_model(model, state: dict, folder: Path, max_shard_size) -> None:
+  model.load_state_dict(state, strict=True)
+  model.save_pretrained(folder, safe_serialization=True, max_shard_size=max_shard_size)
+
+
+def _copy_vae(vae_dir: Path, folder: Path) -> None:
+  folder.mkdir()
+  for p in vae_dir.iterdir():
+    if p.is_file() and (p.name == 'config.json' or p.suffix == '.safetensors' or p.name.endswith('.index.json')):
+      shutil.copyfile(p, folder / p.name)
+
+
+def model_card(mcfg: ModelConfig, source: dict, sample, latent: bool) -> str:
+  kind = {'expert_choice': f'expert-choice MoE ({mcfg.num_experts} experts, capacity factor '
+                           f'{mcfg.eval_capacity_factor or mcfg.capacity_factor}, every {mcfg.moe_every}. block)',
+          'token_choice': f'token-choice top-{mcfg.top_k} MoE ({mcfg.num_experts} experts, every '
+                          f'{mcfg.moe_every}. block)',
+          'dense': 'dense (no experts)'}[mcfg.routing]
+  heun = ('\nThe run sampled with Heun (`sample.sampler=heun`); this pipeline integrates with Euler, as '
+          '`ecdit sample --sampler=euler` does.\n' if sample.sampler != 'euler' else '')
+  vae = "the run's AutoencoderKL" if latent else 'none (pixel-space model)'
+  return f"""---
+library_name: diffusers
+pipeline_tag: text-to-image
+tags: [ecdit, ec-dit, mixture-of-experts, rectified-flow]
+---
+# EC-DiT text-to-image pipeline
+
+Exported by `ecdit export --format=diffusers` from `{source['workdir']}` at step {source['step']}
+({'EMA' if source['ema'] else 'raw'} weights). Backbone: {mcfg.depth} blocks, width {mcfg.width}, {kind};
+{'VAE latents' if latent else 'pixels'} {mcfg.image_size}×{mcfg.image_size}×{mcfg.in_channels}, patch {mcfg.patch_size}.
+
+## Use
+
+With `ecdit_torch` installed (`pip install ecdit[torch]`; no JAX needed, no code from this folder runs):
+
+```python
+import torch, ecdit_torch
+pipe = ecdit_torch.load_pipeline('THIS_FOLDER')
+images = pipe(['a red circle'], num_inference_steps={sample.num_steps}, guidance_scale={sample.cfg_scale},
+              generator=torch.Generator().manual_seed(0)).images
+```
+
+Without ecdit, through diffusers' custom-code loading (the `*.py` files here are the code it runs; needs
+torch, diffusers and sentencepiece):
+
+```python
+from diffusers import DiffusionPipeline
+pipe = DiffusionPipeline.from_pretrained('THIS_FOLDER', trust_remote_code=True)
+```
+
+## Sampling
+
+Euler on ecdit's grid t_i = 1 − i/n from t = 1 (noise) to t = 0, classifier-free guidance against the empty
+caption: v = v_u + s·(v_c − v_u). With the same initial noise (`latents=`, NCHW) the images equal `ecdit sample`'s
+to 1e-4 on [0, 1] pixels. Defaults: {sample.num_steps} steps, guidance {sample.cfg_scale} (the run's `sample.*`).
+{heun}
+## Layout
+
+- `transformer/`: `ECDiTTransformer2DModel`; call `transformer(x [B,C,H,W], t [B] in [0,1], text_states, mask)
+  .sample` → velocity dx/dt. Tensor names follow `ecdit export`'s table; every linear weight is `[out, in]`.
+- Experts are **stacked** along a leading expert axis: `blocks.i.moe.wi.weight [E, {mcfg.mlp_ratio}·d, d]`,
+  `blocks.i.moe.wi.bias [E, {mcfg.mlp_ratio}·d]`, `blocks.i.moe.wo.weight [E, d, {mcfg.mlp_ratio}·d]`,
+  `blocks.i.moe.wo.bias [E, d]`; slice `[e]` is expert e. `blocks.i.moe.router.weight [E, d]` (float32 softmax).
+  Expert choice: each expert takes its top-C tokens per image, C = clip(floor(S·f/E), 1, S).
+- `text_encoder/` + `tokenizer/`: ecdit's text transformer and sentencepiece model (ids end with the end id,
+  padding 0, length {mcfg.text_length}).
+- `scheduler/`: `FlowMatchEulerDiscreteScheduler` (shift 1); the pipeline passes the sigmas itself.
+- `vae/`: {vae}.
+- `ecdit_export.json`: the run's full model config and the source checkpoint.
+"""
+
+
+def export_diffusers(workdir: str | Path, out_dir: str | Path, *, ema: bool = False, overwrite: bool = False,
+                     max_shard_size: int | str = DEFAULT_SHARD, run=None) -> Path:
+  """Writes the diffusers folder for a training run's newest checkpoint. `run`: an already restored
+  workdir_lib.Restored (skips the restore). Raises ExportError (one line) for every bad input."""
+  workdir, out = Path(workdir).resolve(), Path(out_dir).resolve()
+  _check_out(workdir, out, overwrite)
+  if run is None:
+    try:
+      run = workdir_lib.restore(workdir, ema=ema, require=reproducible)
+    except ValueError as e:   # WorkdirError, ConfigError, reproducible()
+      raise ExportError(str(e).splitlines()[0]) from None
+  else:
+    try:
+      reproducible(run.cfg, run.model_config)
+    except ValueError as e:
+      raise ExportError(str(e)) from None
+  mcfg = run.model_config
+  if run.tokenizer_path is None:
+    raise ExportError(f'--workdir={workdir}: the run\'s sentencepiece tokenizer file is missing '
+                      '(data.tokenizer_path, or the one beside the prepared dataset)')
+  try:
+    tokenizer = ECDiTTokenizer(Path(run.tokenizer_path).read_bytes(), mcfg.text_length)
+  except (RuntimeError, ValueError) as e:
+    raise ExportError(f'{run.tokenizer_path}: not a usable sentencepiece tokenizer ({str(e).splitlines()[0]})') from None
+  if tokenizer.vocab_size > mcfg.vocab_size:
+    raise ExportError(f'{run.tokenizer_path} has {tokenizer.vocab_size} pieces but model.vocab_size='
+                      f'{mcfg.vocab_size}; is it the run\'s tokenizer?')
+  vae_dir = data_config.option(run.cfg.data, 'vae_dir')
+  source = {'workdir': str(workdir), 'step': run.step, 'ema': bool(ema)}
+  tensors = weights.export_params(run.params, mcfg)
+
+  out.parent.mkdir(parents=True, exist_ok=True)
+  tmp = Path(tempfile.mkdtemp(prefix=f'.{out.name}.', dir=out.parent))
+  try:
+    arch = {k: getattr(mcfg, k) for k in TRANSFORMER_KEYS}
+    arch['text_states_dim'] = mcfg.text_width
+    _save_model(ECDiTTransformer2DModel(**arch), _torch_tensors(tensors, keep=lambda k: not k.startswith(TEXT_PREFIX)),
+                tmp / 'transformer', max_shard_size)
+    _save_model(ECDiTTextEncoder(vocab_size=mcfg.vocab_size, text_length=mcfg.text_length,
+                                 text_width=mcfg.text_width, text_depth=mcfg.text_depth,
+                                 text_heads=mcfg.text_heads),
+                _torch_tensors(tensors, TEXT_PREFIX), tmp / 'text_encoder', max_shard_size)
+    tokenizer.save_pretrained(tmp / 'tokenizer')
+    diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0).save_pretrained(tmp / 'scheduler')
+    if vae_dir:
+      _copy_vae(Path(vae_dir).expanduser(), tmp / 'vae')
+    for sub, names in CODE.items():
+      _copy_code(tmp / sub, names)
+    index = {'_class_name': ['pipeline_ecdit', 'ECDiTPipeline'], '_diffusers_version': diffusers.__version__,
+             'transformer': ['transformer_ecdit', 'ECDiTTransformer2DModel'],
+             'text_encoder': ['text_encoder_ecdit', 'ECDiTTextEncoder'],
+             'tokenizer': ['tokenizer_ecdit', 'ECDiTTokenizer'],
+             'scheduler': ['diffusers', 'FlowMatchEulerDiscreteScheduler'],
+             'vae': ['diffusers', 'AutoencoderKL'] if vae_dir else [None, None],
+             'text_length': mcfg.text_length, 'text_encoder_uses_mask': True,
+             'default_num_inference_steps': int(run.cfg.sample.num_steps),
+             'default_guidance_scale': float(run.cfg.sample.cfg_scale)}
+    (tmp / 'model_index.json').write_text(json.dumps(index, indent=2) + '\n')
+    (tmp / 'ecdit_export.json').write_text(json.dumps({'source': source, 'model': mcfg.to_dict()}, indent=2,
+                                                      sort_keys=True) + '\n')
+    (tmp / 'README.md').write_text(model_card(mcfg, source, run.cfg.sample, bool(vae_dir)))
+    if out.exists():
+      shutil.rmtree(out)
+    tmp.rename(out)
+  finally:
+    if tmp.exists():
+      shutil.rmtree(tmp)
+  return out

@@ -1,0 +1,56 @@
+"""`load_pipeline(folder)`: an exported diffusers folder as an ECDiTPipeline, built from this package's classes
+(no custom code from the folder is executed, so no `trust_remote_code`).
+
+model_index.json names each component as [module, class]; ecdit's own components are resolved here, the
+others (FlowMatchEulerDiscreteScheduler, AutoencoderKL, CLIP / T5 text models and tokenizers) from diffusers
+or transformers by class name.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+
+import torch
+
+from .pipeline_ecdit import ECDiTPipeline
+from .text_encoder_ecdit import ECDiTTextEncoder
+from .tokenizer_ecdit import ECDiTTokenizer
+from .transformer_ecdit import ECDiTTransformer2DModel
+
+OWN = {c.__name__: c for c in (ECDiTTransformer2DModel, ECDiTTextEncoder, ECDiTTokenizer)}
+COMPONENTS = ('transformer', 'scheduler', 'text_encoder', 'tokenizer', 'vae')
+
+
+def _component_class(name: str, entry, where: Path):
+  if not isinstance(entry, (list, tuple)) or len(entry) != 2:
+    raise ValueError(f'{where}: "{name}" must be [module, class], got {entry!r}')
+  library, cls = entry
+  if cls in OWN:
+    return OWN[cls]
+  if library in ('diffusers', 'transformers'):
+    found = getattr(importlib.import_module(library), cls, None)
+    if found is not None:
+      return found
+  raise ValueError(f'{where}: component {name}={entry!r} is neither an ecdit_torch class nor a diffusers / '
+                   'transformers one')
+
+
+def load_pipeline(folder: str | Path, torch_dtype: torch.dtype | None = None) -> ECDiTPipeline:
+  folder = Path(folder)
+  index = folder / 'model_index.json'
+  if not index.is_file():
+    raise FileNotFoundError(f'{index} is missing: not a diffusers folder written by `ecdit export --format=diffusers`')
+  conf = json.loads(index.read_text())
+  parts = {}
+  for name in COMPONENTS:
+    entry = conf.get(name)
+    if entry is None or entry == [None, None]:
+      parts[name] = None
+      continue
+    cls = _component_class(name, entry, index)
+    kwargs = {'torch_dtype': torch_dtype} if torch_dtype is not None and issubclass(cls, torch.nn.Module) else {}
+    parts[name] = cls.from_pretrained(folder / name, **kwargs)
+  extras = {k: conf[k] for k in ('text_length', 'text_encoder_uses_mask', 'default_num_inference_steps',
+                                 'default_guidance_scale') if k in conf}
+  return ECDiTPipeline(**parts, **extras)
