@@ -26,8 +26,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ecdit.layers.attention import Attention
 from ecdit.config.model import ModelConfig
+from ecdit.layers.attention import Attention
+from ecdit.layers.moe import make_ffn
 
 TIME_SCALE = 1000.0
 TIME_FREQ_DIM = 256
@@ -163,7 +164,6 @@ class DiTBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, c: jax.Array, text: jax.Array, text_mask: jax.Array, *,
                train: bool = False) -> jax.Array:
-    from ecdit.layers.moe import make_ffn  # the MoE module lives beside this one; import at use.
     cfg = self.cfg
     dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     d = cfg.width

@@ -19,10 +19,13 @@ from typing import Any, Mapping
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 
-from ecdit.layers.dit import DiTBlock, FinalLayer, PatchEmbed, TimestepEmbedder, sincos_pos_embed_2d, unpatchify
 from ecdit.config.model import ModelConfig
+from ecdit.layers import moe
+from ecdit.layers.dit import DiTBlock, FinalLayer, PatchEmbed, TimestepEmbedder, sincos_pos_embed_2d, unpatchify
 from ecdit.models.text import TextEncoder, text_states_dim
+from ecdit.parallel.checks import check_divisibility
 
 
 def check_inputs(cfg: ModelConfig, x, t, text, text_mask, keep_idx=None) -> None:
@@ -137,3 +140,24 @@ def init_params(model: ECDiT, seed: int | jax.Array, batch_size: int = 1):
 def abstract_params(model: ECDiT, batch_size: int = 1):
   """`jax.ShapeDtypeStruct` tree of the parameters (boxed), nothing allocated."""
   return jax.eval_shape(lambda: init_params(model, 0, batch_size))
+
+
+def check_fits(cfg: ModelConfig | Mapping[str, Any], mesh: Mesh, global_batch: int | None = None) -> None:
+  """ValueError, naming both numbers, when `mesh` cannot split this model or the global batch evenly; cheap
+  (abstract parameters only), so programs call it before anything compiles:
+
+    experts (model.num_experts) by 'expert' and the FFN hidden width by 'model'; attention heads by 'model';
+    the model width and the text width by 'fsdp'; the global batch by data·fsdp·expert; the MoE layer's split
+    of the batch's routing groups over the devices (ecdit.layers.moe.layout); then every parameter dimension
+    against the rules table, so a dimension missed here is still reported with its path."""
+  cfg = as_config(cfg)
+  shape = dict(mesh.shape)
+  if cfg.routing != 'dense':
+    moe.check_experts(cfg, shape)
+  named = [('model.num_heads', cfg.num_heads, 'model'), ('model.width', cfg.width, 'fsdp')]
+  if cfg.text_encoder == 'transformer':
+    named.append(('model.text_width', cfg.text_width, 'fsdp'))
+  check_divisibility(mesh, named, global_batch)
+  if global_batch is not None and cfg.routing != 'dense':
+    moe.layout(cfg, global_batch, cfg.num_tokens, shape)
+  check_divisibility(mesh, params=abstract_params(build_model(cfg)))

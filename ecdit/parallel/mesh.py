@@ -1,7 +1,9 @@
 """The device mesh: four named axes ('data', 'fsdp', 'expert', 'model'), built once from the real devices.
 
   mesh = make_mesh(cfg.mesh)            # {'data': -1, 'fsdp': 1, 'expert': 4, 'model': 1}; -1 = the rest
-  check_divisibility(model_cfg, mesh, global_batch)
+
+Whether a model and batch divide over it: `ecdit.parallel.checks` (given the numbers), called by
+`ecdit.models.ecdit.check_fits` (which knows the model).
 
 What each axis does (the table that maps names to axes is `ecdit.parallel.rules.LOGICAL_RULES`):
   data    pure data parallelism: the batch is split, every parameter is replicated.
@@ -131,51 +133,3 @@ def default_mesh_config(num_experts: int = 1, devices: Sequence[jax.Device] | No
   elif platform == 'tpu':
     cfg.update(data=1, fsdp=-1, expert=math.gcd(max(num_experts, 1), n))
   return cfg
-
-
-def check_divisibility(model_cfg, mesh: Mesh, global_batch: int | None = None) -> None:
-  """ValueError, naming both numbers, when the mesh cannot split the model or the batch evenly:
-
-    experts (model.num_experts) by 'expert'; attention heads (num_heads, and key/value heads) by 'model';
-    the FFN hidden width by 'model'; the model width by 'fsdp'; the text width by 'fsdp';
-    the global batch by data·fsdp·expert; and for routing_scope='group', each device's tokens
-    (local batch · tokens per image) by model.group_size when the groups fit on one device.
-
-  Every parameter dimension is then checked against the rules table (`rules.param_specs`), so a dimension
-  the explicit checks missed is still reported with its parameter path."""
-  from ecdit.models.ecdit import abstract_params, build_model
-  from ecdit.parallel import rules as rules_lib
-  from flax import traverse_util
-  import flax.linen as nn
-
-  cfg = model_cfg
-  shape = dict(mesh.shape)
-  def need(what, value, axis_names):
-    axes = (axis_names,) if isinstance(axis_names, str) else tuple(axis_names)
-    n = math.prod(shape.get(a, 1) for a in axes)
-    if value % n:
-      label = '·'.join(axes)
-      raise ValueError(f'{what}={value} is not divisible by mesh {label}={n}')
-
-  if cfg.routing != 'dense':
-    need('model.num_experts', cfg.num_experts, 'expert')
-    need('MoE hidden width (model.mlp_ratio·model.width)', cfg.mlp_ratio * cfg.width, 'model')
-  need('model.num_heads', cfg.num_heads, 'model')
-  need('model.width', cfg.width, 'fsdp')
-  if cfg.text_encoder == 'transformer':
-    need('model.text_width', cfg.text_width, 'fsdp')
-  if global_batch is not None:
-    need('global batch size', global_batch, BATCH_AXES)
-    local = global_batch // batch_shards(mesh)
-    if cfg.routing != 'dense' and cfg.routing_scope == 'group' and local * cfg.num_tokens >= cfg.group_size:
-      if (local * cfg.num_tokens) % cfg.group_size:
-        raise ValueError(f'tokens per device (local batch {local} · {cfg.num_tokens} tokens = '
-                         f'{local * cfg.num_tokens}) is not divisible by model.group_size={cfg.group_size}')
-  # Every parameter dimension against the axes that split it.
-  boxed = abstract_params(build_model(cfg))
-  flat_specs = traverse_util.flatten_dict(rules_lib.param_specs(boxed))
-  flat_shapes = traverse_util.flatten_dict(nn.unbox(boxed))
-  for path, spec in flat_specs.items():
-    for dim, axes in zip(flat_shapes[path].shape, tuple(spec)):
-      if axes is not None:
-        need(f'parameter {"/".join(path)} dimension', dim, axes)

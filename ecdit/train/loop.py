@@ -70,7 +70,7 @@ def build(cfg, mcfg=None, devices=None, *, strict: bool = False) -> Setup:
   mcfg = mcfg or config_lib.validate(cfg)
   frozen.check(cfg, mcfg)   # the VAE / text encoder folders agree with the model (config.json only)
   mesh = parallel.make_mesh(cfg.mesh, devices) if strict else parallel.fit_mesh(cfg.mesh, devices)
-  parallel.check_divisibility(mcfg, mesh, cfg.train.batch_size if strict else None)
+  ecdit_model.check_fits(mcfg, mesh, cfg.train.batch_size if strict else None)
   model = ecdit_model.build_model(mcfg)
   tx = optim.make_optimizer(cfg.train)
   lr = optim.schedule(cfg.train)

@@ -34,8 +34,12 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from ecdit.layers import moe as moe_lib
+from ecdit.config.model import ModelConfig
 from ecdit.layers import routing
+from ecdit.layers.moe.dispatch import dispatch_and_combine, group_tokens
+from ecdit.layers.moe.ffn import run_experts
+from ecdit.layers.moe.layout import layout
+from ecdit.layers.moe.router import route, routing_stats
 from ecdit.parallel.mesh import AXES, BATCH_AXES
 
 
@@ -52,54 +56,15 @@ def active_mesh():
   return mesh
 
 
-def _layout(cfg, batch: int, tokens: int, mesh):
-  """(local batch, pooled?) for this batch on this mesh; ValueError naming the numbers when it cannot split."""
-  shards = 1
-  for a in BATCH_AXES:
-    shards *= mesh.shape[a]
-  if batch % shards:
-    raise ValueError(f'MoE layer: batch size {batch} is not divisible by mesh data·fsdp·expert={shards}')
-  experts, n_exp, n_model = cfg.num_experts, mesh.shape['expert'], mesh.shape['model']
-  if experts % n_exp:
-    raise ValueError(f'model.num_experts={experts} is not divisible by mesh expert={n_exp}')
-  hidden = cfg.mlp_ratio * cfg.width
-  if hidden % n_model:
-    raise ValueError(f'MoE hidden width (model.mlp_ratio·model.width)={hidden} is not divisible by mesh '
-                     f'model={n_model}')
-  local = batch // shards
-  if shards == 1 or cfg.routing_scope == 'image':
-    return local, shards, False
-  if cfg.routing_scope == 'batch':
-    return local, shards, True
-  own = local * tokens  # 'group'
-  if own % cfg.group_size == 0:
-    return local, shards, False
-  if cfg.group_size % own == 0:
-    return local, shards, True
-  raise ValueError(f'model.group_size={cfg.group_size} neither divides nor is a multiple of the tokens per '
-                   f'device (local batch {local} · {tokens} tokens = {own}); routing groups would straddle devices')
-
-
-def _local_experts(xe, wi, bi, wo, bo, dtype, model_axis):
-  """Local experts on expert-major `[E_l, g, C, d]`; the hidden width is split over 'model' (partial sums
-  psummed)."""
-  cast = lambda a: a.astype(dtype)  # noqa: E731
-  h = jnp.einsum('egcd,edh->egch', xe, cast(wi)) + cast(bi)[:, None, None, :]
-  out = jnp.einsum('egch,ehd->egcd', moe_lib._gelu(h), cast(wo))  # pylint: disable=protected-access
-  if model_axis:
-    out = jax.lax.psum(out, model_axis)
-  return out + cast(bo)[:, None, None, :]
-
-
-def moe_expert_parallel(x, weights, cfg, train: bool, mesh, *, want_stats: bool, want_aux: bool):
+def moe_expert_parallel(x, weights, cfg: ModelConfig, train: bool, mesh, *, want_stats: bool, want_aux: bool):
   """`x [B, S, d]` → `(y [B, S, d], stats dict or None, balance loss or None)`, expert-parallel on `mesh`."""
   router, wi, bi, wo, bo = weights
   batch, tokens, width = x.shape
-  local, shards, pooled = _layout(cfg, batch, tokens, mesh)
+  split = layout(cfg, batch, tokens, mesh.shape)
+  local, shards, pooled = split.local, split.shards, split.pooled
   n_exp, n_model = mesh.shape['expert'], mesh.shape['model']
-  experts = cfg.num_experts
-  e_local = experts // n_exp
-  dtype = jnp.dtype(cfg.dtype)
+  e_local = cfg.num_experts // n_exp
+  cast = lambda a: a.astype(jnp.dtype(cfg.dtype))  # noqa: E731
   # Specs and collectives name only the axes of size > 1: shard_map's replication typing counts an axis named
   # in a spec as "varying" whatever its size, and XLA keeps a psum over a size-1 axis as an (empty) all-reduce.
   batch_axes = tuple(a for a in BATCH_AXES if mesh.shape[a] > 1)
@@ -112,11 +77,11 @@ def moe_expert_parallel(x, weights, cfg, train: bool, mesh, *, want_stats: bool,
   def body(x, router, wi, bi, wo, bo):
     if pooled:
       pool = jax.lax.all_gather(x, batch_axes, axis=0, tiled=True, to='invarying')
-      xg = moe_lib.group_tokens(pool, cfg)
+      xg = group_tokens(pool, cfg)
     else:
-      xg = moe_lib.group_tokens(x, cfg)
-    logits, probs, gate, index, valid, chosen = moe_lib.route(xg, router, cfg, train)
-    experts_fn = lambda xe: _local_experts(xe, wi, bi, wo, bo, dtype, h_axis)  # noqa: E731
+      xg = group_tokens(x, cfg)
+    logits, probs, gate, index, valid, chosen = route(xg, router, cfg, train)
+    experts_fn = lambda xe: run_experts(xe, cast(wi), cast(bi), cast(wo), cast(bo), h_axis)  # noqa: E731
     if pooled:
       # This device's experts only: slice the plan along E, run, and add the experts' outputs over 'expert'.
       if e_axis:
@@ -125,7 +90,7 @@ def moe_expert_parallel(x, weights, cfg, train: bool, mesh, *, want_stats: bool,
         plan = (take(gate), take(index), None if valid is None else take(valid))
       else:
         plan = (gate, index, valid)
-      y = moe_lib.dispatch_and_combine(xg.astype(dtype), *plan, cfg.moe_backend, experts_fn)
+      y = dispatch_and_combine(cast(xg), *plan, cfg.moe_backend, experts_fn)
       if e_axis:
         y = jax.lax.psum(y, e_axis)
       y = y.reshape(batch, tokens, width)
@@ -138,12 +103,12 @@ def moe_expert_parallel(x, weights, cfg, train: bool, mesh, *, want_stats: bool,
         if n_exp > 1:
           ye = jax.lax.all_to_all(ye, 'expert', 1, 0, tiled=True)  # [E, G_l, C, d]
         return ye
-      y = moe_lib.dispatch_and_combine(xg.astype(dtype), gate, index, valid, cfg.moe_backend, remote_experts)
+      y = dispatch_and_combine(cast(xg), gate, index, valid, cfg.moe_backend, remote_experts)
       y = y.reshape(local, tokens, width)
 
     out = {'y': y}
     if want_stats:
-      stats = moe_lib.routing_stats(logits, gate, index, valid, cfg.top_k, total, 1 if pooled else shards)
+      stats = routing_stats(logits, gate, index, valid, cfg.top_k, total, 1 if pooled else shards)
       counts = stats['experts_per_token'].reshape(-1, tokens)
       if pooled:
         counts = jax.lax.dynamic_slice_in_dim(counts, jax.lax.axis_index(batch_axes) * local, local, axis=0)
