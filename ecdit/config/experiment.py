@@ -27,6 +27,7 @@ SCHEDULES = ('constant', 'cosine')
 NAN_POLICIES = ('skip', 'stop')
 T_SAMPLINGS = ('logit_normal', 'uniform')
 SAMPLERS = ('euler', 'heun')
+REMAT_POLICIES = ('none', 'full', 'dots', 'save_moe')   # train.remat; ecdit.models.stack says what each keeps
 _TYPES = {'int': int, 'float': float, 'str': str, 'bool': bool}
 
 
@@ -73,6 +74,7 @@ def base_config() -> ml_collections.ConfigDict:
   t.grad_clip = 1.0                # global-norm clipping; 0 disables
   t.ema_decay = 0.999              # EMA of parameters, warm-up min(decay, (1+n)/(10+n)); 0: ema = params
   t.nan_policy = 'skip'            # non-finite loss/grads: 'skip' the update (and count) or 'stop'
+  t.remat = 'none'                 # rematerialise each scanned unit: 'none' | 'full' | 'dots' | 'save_moe'
   t.log_every = 50
   t.checkpoint_every = 500         # and always at the end
   t.keep_checkpoints = 3
@@ -215,6 +217,7 @@ def validate(cfg) -> ModelConfig:
   choice('train.optimizer', OPTIMIZERS)
   choice('train.schedule', SCHEDULES)
   choice('train.nan_policy', NAN_POLICIES)
+  choice('train.remat', REMAT_POLICIES)
   number('train.learning_rate', lo=0, lo_open=True)
   number('train.end_lr_factor', lo=0, hi=1)
   number('train.weight_decay', lo=0)

@@ -82,6 +82,8 @@ class ModelConfig:
   # Numerics.
   dtype: str = 'float32'             # compute dtype; the router always runs in float32.
   param_dtype: str = 'float32'
+  # Compilation.
+  scan_layers: bool = False          # run the block stack as a scan over units of moe_every blocks.
 
   # ---- derived -------------------------------------------------------------------------------
   @property
@@ -103,6 +105,11 @@ class ModelConfig:
   @property
   def patch_dim(self) -> int:
     return self.patch_size ** 2 * self.in_channels
+
+  @property
+  def scan_unit(self) -> int:
+    """Blocks in the repeating unit of the stack: moe_every (dense…, MoE), or 1 for an all-dense model."""
+    return 1 if self.routing == 'dense' else self.moe_every
 
   def is_sparse_block(self, index: int) -> bool:
     """0-based block index -> whether its FFN is an MoE layer (the 2nd, 4th, ... block for moe_every=2)."""
@@ -183,4 +190,9 @@ class ModelConfig:
         fail('group_size', self.group_size, "a positive integer when routing_scope='group'")
     elif self.group_size is not None:
       fail('group_size', self.group_size, f"None unless routing_scope='group' (it is {self.routing_scope!r})")
+    if not isinstance(self.scan_layers, bool):
+      fail('scan_layers', self.scan_layers, 'True or False')
+    if self.scan_layers and self.depth % self.scan_unit:
+      fail('depth', self.depth, f'a multiple of the scan unit ({self.scan_unit} blocks: moe_every) with '
+           'model.scan_layers=True')
     return self

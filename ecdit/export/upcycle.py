@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from ecdit.config.model import ModelConfig
+from ecdit.models import stack
 from ecdit.models.ecdit import build_model, init_params
 
 # Fields that may differ between the dense source and the MoE target; every other field must match.
@@ -34,10 +35,11 @@ def check_compatible(dense_cfg: ModelConfig, moe_cfg: ModelConfig) -> None:
 
 
 def upcycle_params(dense_params, dense_cfg: ModelConfig, moe_cfg: ModelConfig, rng: jax.Array) -> dict:
-  """Unboxed MoE params for `moe_cfg` from (boxed or unboxed) dense params of `dense_cfg`."""
+  """Unboxed MoE params for `moe_cfg` from (boxed or unboxed) dense params of `dense_cfg` (either stack layout;
+  the result has `moe_cfg`'s)."""
   check_compatible(dense_cfg, moe_cfg)
-  src = traverse_util.flatten_dict(nn.unbox(dict(dense_params)))
-  fresh = traverse_util.flatten_dict(nn.unbox(init_params(build_model(moe_cfg), rng)))
+  src = traverse_util.flatten_dict(stack.to_unrolled(nn.unbox(dict(dense_params)), dense_cfg))
+  fresh = traverse_util.flatten_dict(stack.to_unrolled(nn.unbox(init_params(build_model(moe_cfg), rng)), moe_cfg))
   out = {}
   for path, value in fresh.items():
     block = path[0]
@@ -61,4 +63,5 @@ def upcycle_params(dense_params, dense_cfg: ModelConfig, moe_cfg: ModelConfig, r
       raise ValueError(f'upcycle: parameter {"/".join(path)} has shape {tuple(src[path].shape)} in the dense '
                        f'params, but the MoE model needs {tuple(value.shape)}')
     out[path] = jnp.asarray(src[path])
-  return traverse_util.unflatten_dict(out)
+  out = traverse_util.unflatten_dict(out)
+  return stack.to_scanned(out, moe_cfg) if moe_cfg.scan_layers else out

@@ -27,7 +27,8 @@ each slice `[e]` is itself an `nn.Linear` weight `[out, in]` (Flax stores `[E, i
 are called `weight`. Non-affine LayerNorms (norm_sa, norm_ff, final norm) have no tensors. All transforms are
 transposes, so export → import reproduces the parameters bit for bit.
 
-This module imports no JAX at module level; the JAX-side import lives in `import_params`.
+This module imports no JAX at module level (the name table and the files serve PyTorch-only code); the JAX-side
+imports live in `export_params` / `import_params`.
 """
 from __future__ import annotations
 
@@ -137,10 +138,13 @@ def _path_str(path) -> str:
 
 
 def export_params(params: Mapping[str, Any], cfg: ModelConfig) -> dict[str, np.ndarray]:
-  """Flax params (boxed or not) → {export name: numpy array in file layout}."""
+  """Flax params (boxed or not, either stack layout) → {export name: numpy array in file layout}. The file
+  always names blocks one by one (a scanned stack is unrolled first)."""
   import flax.linen as nn
   from flax import traverse_util
-  flat = traverse_util.flatten_dict(nn.unbox(dict(params)))
+
+  from ecdit.models import stack
+  flat = traverse_util.flatten_dict(stack.to_unrolled(nn.unbox(dict(params)), cfg))
   table = name_table(cfg)
   known = {e.jax_path for e in table}
   extra = sorted(_path_str(p) for p in flat if p not in known)
@@ -280,15 +284,17 @@ def import_params(tensors: Mapping[str, np.ndarray], cfg: ModelConfig, where: st
   import jax.numpy as jnp
   from flax import traverse_util
 
+  from ecdit.models import stack
   from ecdit.models.ecdit import abstract_params, build_model
-  abstract = traverse_util.flatten_dict(nn.unbox(abstract_params(build_model(cfg))))
+  abstract = traverse_util.flatten_dict(stack.to_unrolled(nn.unbox(abstract_params(build_model(cfg))), cfg))
   table = name_table(cfg)
   expected = {e.name: (export_shape(e.kind, abstract[e.jax_path].shape), str(abstract[e.jax_path].dtype))
               for e in table}
   check_tensors(tensors, expected, where)
   flat = {e.jax_path: jnp.asarray(np.ascontiguousarray(to_export_layout(e.kind, np.asarray(tensors[e.name]))))
           for e in table}
-  return traverse_util.unflatten_dict(flat)
+  return stack.to_scanned(traverse_util.unflatten_dict(flat), cfg) if cfg.scan_layers else \
+      traverse_util.unflatten_dict(flat)
 
 
 def load_params(export_dir: str | Path) -> tuple[dict, ModelConfig]:

@@ -25,6 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 from ecdit.config.model import ModelConfig
 from ecdit.layers.attention import Attention
@@ -33,6 +34,7 @@ from ecdit.layers.moe import make_ffn
 TIME_SCALE = 1000.0
 TIME_FREQ_DIM = 256
 LN_EPS = 1e-6
+MOE_OUT = 'moe_out'   # checkpoint name of a sparse block's FFN output
 
 _kernel_init = nn.initializers.xavier_uniform()
 _zeros = nn.initializers.zeros_init()
@@ -176,9 +178,11 @@ class DiTBlock(nn.Module):
     h = _norm('norm_ca', dtype, pdtype, affine=True)(x)
     x = x + attn('cross_attn', True)(h, text, text_mask)
     h = modulate(_norm('norm_ff', dtype, pdtype)(x), shift_ff, scale_ff)
-    ffn = make_ffn(cfg, cfg.is_sparse_block(self.index), name='moe' if cfg.is_sparse_block(self.index)
-                   else 'ffn')
-    x = x + gate_ff[:, None, :] * ffn(h, train=train)
+    sparse = cfg.is_sparse_block(self.index)
+    out = make_ffn(cfg, sparse, name='moe' if sparse else 'ffn')(h, train=train)
+    if sparse:   # named for train.remat='save_moe' (ecdit.models.stack): kept, not recomputed
+      out = checkpoint_name(out, MOE_OUT)
+    x = x + gate_ff[:, None, :] * out
     return nn.with_logical_constraint(x, ('batch', 'length', 'embed'))
 
 

@@ -23,7 +23,8 @@ from jax.sharding import Mesh
 
 from ecdit.config.model import ModelConfig
 from ecdit.layers import moe
-from ecdit.layers.dit import DiTBlock, FinalLayer, PatchEmbed, TimestepEmbedder, sincos_pos_embed_2d, unpatchify
+from ecdit.layers.dit import FinalLayer, PatchEmbed, TimestepEmbedder, sincos_pos_embed_2d, unpatchify
+from ecdit.models import stack
 from ecdit.models.text import TextEncoder, text_states_dim
 from ecdit.parallel.checks import check_divisibility
 
@@ -59,43 +60,37 @@ def check_inputs(cfg: ModelConfig, x, t, text, text_mask, keep_idx=None) -> None
 
 class ECDiT(nn.Module):
   config: ModelConfig
+  remat: str = 'none'   # train.remat: a checkpoint policy for the scanned units (ecdit.models.stack)
 
-  def setup(self):
-    cfg = self.config
-    dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-    self.patch_embed = PatchEmbed(cfg.patch_size, cfg.width, dtype, pdtype)
-    self.t_embed = TimestepEmbedder(cfg.width, dtype, pdtype)
-    self.text_encoder = TextEncoder(cfg)
-    self.text_proj = nn.Dense(cfg.width, dtype=dtype, param_dtype=pdtype,
-                              kernel_init=nn.with_logical_partitioning(nn.initializers.xavier_uniform(),
-                                                                       ('text_embed', 'embed')),
-                              bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ('embed',)))
-    self.blocks = [DiTBlock(cfg, i, name=f'block_{i}') for i in range(cfg.depth)]
-    self.final = FinalLayer(cfg)
-
+  @nn.compact
   def __call__(self, x: jax.Array, t: jax.Array, text: jax.Array, text_mask: jax.Array, *,
                train: bool = False, keep_idx: jax.Array | None = None) -> jax.Array:
     cfg = self.config
     check_inputs(cfg, x, t, text, text_mask, keep_idx)
-    dtype = jnp.dtype(cfg.dtype)
+    dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     text_mask = text_mask.astype(bool)
-    tokens = self.patch_embed(x)
+    tokens = PatchEmbed(cfg.patch_size, cfg.width, dtype, pdtype, name='patch_embed')(x)       # [B, S, d]
     tokens = tokens + jnp.asarray(sincos_pos_embed_2d(cfg.width, cfg.grid_size), dtype)[None]
-    if keep_idx is not None:
+    if keep_idx is not None:                                                                   # [B, K, d]
       tokens = jnp.take_along_axis(tokens, keep_idx.astype(jnp.int32)[:, :, None], axis=1)
     tokens = nn.with_logical_constraint(tokens, ('batch', 'length', 'embed'))
     # Activations pinned to the batch layout (batch over data·fsdp·expert, features whole): without these,
     # XLA's propagation lets the FSDP split of the weights leak into the text states and the timestep
     # embedding, and reshards them at every cross-attention / adaLN (full rematerialisations).
-    c = nn.with_logical_constraint(self.t_embed(t), ('batch', 'embed'))
-    states = nn.with_logical_constraint(self.text_encoder(text, text_mask), ('batch', 'length', 'text_embed'))
-    ctx = nn.with_logical_constraint(self.text_proj(states), ('batch', 'length', 'embed'))
-    for block in self.blocks:
-      tokens = block(tokens, c, ctx, text_mask, train=train)
-    out = self.final(tokens, c)
+    c = nn.with_logical_constraint(TimestepEmbedder(cfg.width, dtype, pdtype, name='t_embed')(t),
+                                   ('batch', 'embed'))                                         # [B, d]
+    states = TextEncoder(cfg, name='text_encoder')(text, text_mask)                            # [B, L, D]
+    states = nn.with_logical_constraint(states, ('batch', 'length', 'text_embed'))
+    text_proj = nn.Dense(cfg.width, dtype=dtype, param_dtype=pdtype, name='text_proj',
+                         kernel_init=nn.with_logical_partitioning(nn.initializers.xavier_uniform(),
+                                                                  ('text_embed', 'embed')),
+                         bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ('embed',)))
+    ctx = nn.with_logical_constraint(text_proj(states), ('batch', 'length', 'embed'))           # [B, L, d]
+    tokens = stack.run_blocks(cfg, self.remat, tokens, c, ctx, text_mask, train=train)         # [B, S, d]
+    out = FinalLayer(cfg, name='final')(tokens, c)                                             # [B, S, p·p·C]
     if keep_idx is not None:
       return out
-    return unpatchify(out, cfg.patch_size, cfg.grid_size, cfg.in_channels)
+    return unpatchify(out, cfg.patch_size, cfg.grid_size, cfg.in_channels)                     # [B, H, W, C]
 
 
 def as_config(cfg: ModelConfig | Mapping[str, Any]) -> ModelConfig:
@@ -106,9 +101,16 @@ def as_config(cfg: ModelConfig | Mapping[str, Any]) -> ModelConfig:
   return ModelConfig.from_dict(cfg)
 
 
-def build_model(cfg: ModelConfig | Mapping[str, Any]) -> ECDiT:
-  """ECDiT from a ModelConfig or a mapping (a ConfigDict's `model` section); validates first."""
-  return ECDiT(as_config(cfg))
+def build_model(cfg: ModelConfig | Mapping[str, Any], remat: str = 'none') -> ECDiT:
+  """ECDiT from a ModelConfig or a mapping (a ConfigDict's `model` section); validates first. `remat` is a
+  train.remat policy (REMAT_POLICIES), checked here, before anything is traced."""
+  cfg = as_config(cfg)
+  if remat != 'none':
+    stack.checkpoint_policy(remat)
+    if not cfg.scan_layers:
+      raise ValueError(f'train.remat={remat!r} needs model.scan_layers=True (it rematerialises the scanned '
+                       "unit); use train.remat='none' or scan the stack")
+  return ECDiT(cfg, remat)
 
 
 def dummy_inputs(cfg: ModelConfig, batch: int = 1) -> tuple[jax.Array, ...]:

@@ -149,12 +149,14 @@ def _component(path: tuple[str, ...]) -> str:
 def count(cfg) -> dict:
   """Parameter counts of `cfg` (ModelConfig or mapping) by component, total and activated per token."""
   import jax
+  import flax.linen as nn
   from flax import traverse_util
+  from ecdit.models import stack
   from ecdit.models.ecdit import abstract_params, as_config, build_model
 
   cfg = as_config(cfg)
-  params = abstract_params(build_model(cfg))
-  flat = traverse_util.flatten_dict(params, is_leaf=lambda _, v: hasattr(v, 'value'))
+  params = stack.to_unrolled(nn.unbox(abstract_params(build_model(cfg))), cfg)   # per block, either layout
+  flat = traverse_util.flatten_dict(params)
   parts = OrderedDict((c, 0) for c in _COMPONENTS)
   for path, leaf in flat.items():
     parts[_component(tuple(str(p) for p in path))] += _size(leaf)

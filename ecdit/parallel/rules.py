@@ -37,6 +37,7 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ('capacity', None),         # slots of an expert in a group: never split
     # parameters
     ('expert', 'expert'),       # stacked expert weights [E, ...]
+    ('layers', None),           # the scanned stack's leading unit axis (model.scan_layers): not split
     ('embed', 'fsdp'),          # model width: FSDP splits large weights along it
     ('text_embed', 'fsdp'),     # text encoder width
     ('mlp', 'model'),           # FFN hidden (dense and expert FFNs, text MLP)

@@ -71,7 +71,7 @@ def build(cfg, mcfg=None, devices=None, *, strict: bool = False) -> Setup:
   frozen.check(cfg, mcfg)   # the VAE / text encoder folders agree with the model (config.json only)
   mesh = parallel.make_mesh(cfg.mesh, devices) if strict else parallel.fit_mesh(cfg.mesh, devices)
   ecdit_model.check_fits(mcfg, mesh, cfg.train.batch_size if strict else None)
-  model = ecdit_model.build_model(mcfg)
+  model = ecdit_model.build_model(mcfg, cfg.train.remat)
   tx = optim.make_optimizer(cfg.train)
   lr = optim.schedule(cfg.train)
   boxed = jax.eval_shape(lambda: ecdit_model.init_params(model, cfg.seed))
@@ -115,6 +115,23 @@ def preview(setup: Setup, sampler, params, tokenizer, path: Path, decode=None) -
   return sampler_lib.save_png(sampler_lib.make_grid(images, scale=scale), path)
 
 
+def check_layout_matches_run(workdir: Path, mcfg) -> None:
+  """A workdir's checkpoints hold the stack in the layout its run was trained with (model.scan_layers):
+  resuming with the other layout is refused before anything is read or written."""
+  previous = workdir / 'config.json'
+  steps = (workdir / 'checkpoints').glob('[0-9]*')
+  if not previous.is_file() or not any(p.is_dir() for p in steps):
+    return
+  try:
+    was = bool(json.loads(previous.read_text()).get('resolved_model', {}).get('scan_layers', False))
+  except (OSError, ValueError):
+    return   # an unreadable config.json: the checkpoint restore reports what is wrong
+  if was != mcfg.scan_layers:
+    raise config_lib.ConfigError(
+        f'model.scan_layers={mcfg.scan_layers} does not match the checkpoints in {workdir} (trained with '
+        f'model.scan_layers={was}); resume with --config.model.scan_layers={was}, or use a new workdir')
+
+
 def train(cfg, workdir: str | Path, *, progress: bool = True, data_fn=None, devices=None) -> dict:
   """Trains `cfg` in `workdir`, resuming from its latest readable checkpoint. Returns a summary dict.
 
@@ -133,6 +150,7 @@ def train(cfg, workdir: str | Path, *, progress: bool = True, data_fn=None, devi
   t = cfg.train
   main_process = jax.process_index() == 0
   resolved = resolved_config(cfg, mcfg)
+  check_layout_matches_run(workdir, mcfg)
   if main_process:
     (workdir / 'config.json').write_text(json.dumps(resolved, indent=2, sort_keys=True) + '\n')
 

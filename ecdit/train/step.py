@@ -11,6 +11,7 @@ from jax.sharding import Mesh
 
 from ecdit import parallel
 from ecdit.diffusion import flow
+from ecdit.models import stack
 from ecdit.train import update as update_lib
 from ecdit.train.state import TrainState, ema_decay_at, ema_update, step_key
 
@@ -38,9 +39,12 @@ def summarize_moe_stats(stats) -> dict[str, jax.Array]:
 
 
 def make_apply_fn(model) -> Callable[..., Any]:
-  def apply_fn(params, x, t, ids, mask, keep_idx):
-    return model.apply({'params': params}, x, t, ids, mask, train=True, keep_idx=keep_idx,
-                       mutable=['moe_stats', 'losses'])
+  """`(params, x, t, text, mask, keep_idx) -> (prediction, collections)`, the sown statistics per block
+  (unrolled, whatever the stack's layout)."""
+  def apply_fn(params, x, t, text, mask, keep_idx):
+    out, col = model.apply({'params': params}, x, t, text, mask, train=True, keep_idx=keep_idx,
+                           mutable=['moe_stats', 'losses'])
+    return out, {**col, 'moe_stats': stack.to_unrolled(dict(col.get('moe_stats', {})), model.config)}
   return apply_fn
 
 
