@@ -31,7 +31,7 @@ def run(argv=None) -> dict:
 
   import jax   # pylint: disable=import-outside-toplevel
   from ecdit.config import data as config_lib
-from ecdit.data import pipeline, prepare, tokenizer   # pylint: disable=import-outside-toplevel
+  from ecdit.data import pipeline, prepare, tokenizer   # pylint: disable=import-outside-toplevel
   from ecdit.data import shapes_builder   # pylint: disable=import-outside-toplevel
 
   results = {'device_count': jax.device_count(), 'image_size': args.image_size}

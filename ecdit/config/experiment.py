@@ -17,6 +17,7 @@ from typing import Any
 import ml_collections
 from ml_collections import config_dict
 
+from ecdit import errors
 from ecdit.config.model import ModelConfig
 
 OPTIMIZERS = ('adamw', 'rmsprop')
@@ -119,7 +120,7 @@ def model_config(cfg) -> ModelConfig:
   return ModelConfig.from_dict(values)
 
 
-class ConfigError(ValueError):
+class ConfigError(errors.UsageError, ValueError):
   """A bad config value; the message is one line naming the key."""
 
 

@@ -16,10 +16,11 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
+from ecdit import errors
 from ecdit.config.model import ModelConfig
 
 
-class WorkdirError(ValueError):
+class WorkdirError(errors.UsageError, ValueError):
   """The workdir, its config.json or its checkpoints are missing or unreadable."""
 
 
