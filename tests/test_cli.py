@@ -1,4 +1,5 @@
-"""`ecdit train` configuration errors: one line naming the key, before any compile."""
+"""The `ecdit` command line: `train` configuration errors are one line naming the key, before any compile;
+every command's `--help` lists its own flags; the error boundary (one line, exit 2 usage / 1 runtime)."""
 from __future__ import annotations
 
 import os
