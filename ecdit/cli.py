@@ -1,31 +1,33 @@
-"""The `ecdit` command: `ecdit <command> [--flags]`.
+"""The `ecdit` command: `ecdit <command> [--flags]`, `ecdit <command> --help` for that command's flags.
 
-Each command lives in its own module exposing `main(argv)`; its absl flags are defined when that module is
-imported, so a command only pays for (and only shows) its own flags.
+Each command is a module of `ecdit.commands` exposing `main(argv)`; its absl flags are defined when that
+module is imported, so a command only pays for (and only shows) its own flags. This is also the one error
+boundary: an `ecdit.errors.EcditError` from any command ends it with `ecdit: error: <message>` on one line and
+the error's exit status (2: usage, 1: runtime); `--verbose` or ECDIT_VERBOSE=1 prints the traceback too.
 """
 import importlib
+import os
 import sys
+import traceback
 
 from absl import app
 
+from ecdit import errors, malloc
+from ecdit.commands import flags as cflags
+
 COMMANDS = {
-    'train': ('ecdit.train.main', 'train an experiment (default: shapes_tiny into ./runs/shapes_tiny)'),
-    'sample': ('ecdit.diffusion.sample_main', 'write a PNG grid of samples for prompts from a workdir'),
-    'prepare': ('ecdit.data.prepare', 'materialise an experiment\'s dataset under its data dir'),
-    'params': ('ecdit.models.params', 'total and activated parameter counts, without allocating'),
-    'bench': ('ecdit.bench.main', 'benchmarks, e.g. `ecdit bench routing`'),
-    'eval': ('ecdit.eval.main', 'GenEval-style scores for a workdir (or --ground_truth) on shapes prompts'),
-    'analyze': ('ecdit.eval.analyze_main', 'experts per image token per layer/step: heat maps, fg/bg, text'),
-    'compare': ('ecdit.eval.compare_main', 'runs side by side: loss curves PNG, GenEval scores, fg/bg ratio'),
-    'export': ('ecdit.export.main', 'a workdir as safetensors (+ PyTorch reference) or StableHLO artefacts'),
-    'upcycle': ('ecdit.export.upcycle_main', 'an EC-DiT workdir from a dense one (FFNs copied into experts)'),
+    'train': ('ecdit.commands.train', 'train an experiment (default: shapes_tiny into ./runs/shapes_tiny)'),
+    'sample': ('ecdit.commands.sample', 'write a PNG grid of samples for prompts from a workdir'),
+    'prepare': ('ecdit.commands.prepare', 'materialise an experiment\'s dataset under its data dir'),
+    'params': ('ecdit.commands.params', 'total and activated parameter counts, without allocating'),
+    'bench': ('ecdit.commands.bench', 'benchmarks, e.g. `ecdit bench routing` (`ecdit bench --help`: all)'),
+    'eval': ('ecdit.commands.eval', 'GenEval-style scores for a workdir (or --ground_truth) on shapes prompts'),
+    'analyze': ('ecdit.commands.analyze', 'experts per image token per layer/step: heat maps, fg/bg, text'),
+    'compare': ('ecdit.commands.compare', 'runs side by side: loss curves PNG, GenEval scores, fg/bg ratio'),
+    'export': ('ecdit.commands.export', 'a workdir as safetensors (+ PyTorch reference) or StableHLO artefacts'),
+    'upcycle': ('ecdit.commands.upcycle', 'an EC-DiT workdir from a dense one (FFNs copied into experts)'),
 }
-
-
-def fail(msg: str, code: int = 2):
-  """Ends a command with one clear error line (no traceback): the commands' shared way to refuse input."""
-  print(f'ecdit: error: {msg}', file=sys.stderr, flush=True)
-  sys.exit(code)
+VERBOSE_ENV = 'ECDIT_VERBOSE'
 
 
 def usage() -> str:
@@ -34,26 +36,49 @@ def usage() -> str:
   return '\n'.join(lines)
 
 
+def _wants_help(args) -> bool:
+  """--help among the command's own arguments (not after `--`, which belongs to e.g. `bench data`)."""
+  own = args[:args.index('--')] if '--' in args else args
+  return any(a in cflags.HELP_ARGS for a in own)
+
+
+def _report(e: errors.EcditError, argv) -> int:
+  verbose = os.environ.get(VERBOSE_ENV, '') not in ('', '0') or '--verbose' in argv \
+      or cflags.FLAGS['verbose'].value   # a flag error may come before --verbose is parsed
+  if verbose:
+    traceback.print_exception(e)
+  message = ' '.join(str(e).split()) or type(e).__name__   # one line, whatever the library wrote
+  print(f'ecdit: error: {message}', file=sys.stderr, flush=True)
+  return e.exit_code
+
+
 def run(argv=None):
   from_command_line = argv is None
   argv = list(sys.argv if argv is None else argv)
   if len(argv) < 2 or argv[1] in ('-h', '--help', 'help'):
     print(usage())
     return 0 if len(argv) >= 2 else 2
-  command = argv[1]
+  command, args = argv[1], argv[2:]
   if command not in COMMANDS:
     print(f'ecdit: unknown command {command!r}; expected one of {sorted(COMMANDS)}\n\n{usage()}',
           file=sys.stderr)
     return 2
-  if from_command_line:
+  wants_help = _wants_help(args)
+  if from_command_line and not wants_help:
     # glibc malloc settings that spare XLA:CPU ~0.6 s of page faults per train step (ecdit/malloc.py); glibc
     # reads them only at start, so the command re-executes itself once (ECDIT_SYSTEM_MALLOC=1 opts out).
-    from ecdit import malloc  # pylint: disable=import-outside-toplevel
     malloc.reexec_with_tuned_malloc()
-  module = importlib.import_module(COMMANDS[command][0])
-  # A command may bring its own flags parser (train: one-line errors for bad --config overrides).
-  parser = getattr(module, 'flags_parser', app.parse_flags_with_usage)
-  app.run(module.main, argv=[f'ecdit {command}'] + argv[2:], flags_parser=parser)
+  try:
+    module = importlib.import_module(COMMANDS[command][0])   # may fail on a bad --config.<key> already
+    if wants_help:
+      print(cflags.usage(module, command, args))
+      return 0
+    # A command may bring its own flags parser; the shared one makes every flag error one line.
+    parser = getattr(module, 'flags_parser', cflags.flags_parser)
+    app.run(module.main, argv=[f'ecdit {command}'] + args, flags_parser=parser)
+  except errors.EcditError as e:
+    return _report(e, args)
+  return 0
 
 
 if __name__ == '__main__':

@@ -1,4 +1,5 @@
-"""`ecdit train` configuration errors: one line naming the key, before any compile."""
+"""The `ecdit` command line: `train` configuration errors are one line naming the key, before any compile;
+every command's `--help` lists its own flags; the error boundary (one line, exit 2 usage / 1 runtime)."""
 from __future__ import annotations
 
 import os
@@ -49,3 +50,118 @@ def test_bad_config_is_one_line(args, needle, tmp_path):
 def test_help_lists_commands():
   r = ecdit('--help')
   assert r.returncode == 0 and 'train' in r.stdout and 'sample' in r.stdout
+
+
+# ---- per-command help ----------------------------------------------------------------------------------------
+
+# command (and benchmark) → a flag only it has, with words of that flag's help string.
+OWN_FLAG = {
+    ('train',): ('--[no]progress', 'show a progress bar'),
+    ('sample',): ('--repeat', 'images per prompt'),
+    ('prepare',): ('--config', 'its `data` section is used'),
+    ('params',): ('--[no]dense', 'count the dense model'),
+    ('eval',): ('--[no]ground_truth', 'render the prompts with the shapes world'),
+    ('analyze',): ('--min_fg', 'a token is foreground'),
+    ('compare',): ('--workdirs', 'comma-separated training run directories'),
+    ('export',): ('--platforms', 'platforms to lower for'),
+    ('upcycle',): ('--moe_every', 'every n-th block is sparse'),
+    ('bench',): ('--group_sizes', 'routing-group sizes'),
+    ('bench', 'routing'): ('--group_sizes', 'routing-group sizes'),
+    ('bench', 'suite'): ('--json', 'write the results to this JSON file'),
+}
+
+
+@pytest.mark.parametrize('command', sorted(OWN_FLAG), ids=' '.join)
+def test_command_help_lists_its_own_flags(command):
+  r = ecdit(*command, '--help')
+  assert r.returncode == 0, r.stderr
+  flag, words = OWN_FLAG[command]
+  line = next((l for l in r.stdout.splitlines() if l.strip().startswith(flag + ':')), None)
+  assert line is not None and words in line, r.stdout
+  assert r.stdout.startswith(f'usage: ecdit {" ".join(command)}')
+  assert '--[no]verbose' in r.stdout          # the shared flag
+  others = {f for c, (f, _) in OWN_FLAG.items() if c[0] != command[0] and f != '--config'}
+  assert not [f for f in others if f'{f}:' in r.stdout], r.stdout   # no other command's flags
+
+
+def test_bench_help_is_per_benchmark():
+  routing, suite = ecdit('bench', 'routing', '--help').stdout, ecdit('bench', 'suite', '--help').stdout
+  assert '--json:' not in routing and '--group_sizes:' not in suite
+  assert routing.splitlines()[2].startswith('routing: gather vs one-hot')
+
+
+# ---- the error boundary --------------------------------------------------------------------------------------
+
+BOOM = '''
+import sys, types
+from ecdit import cli, errors
+m = types.ModuleType('boom')
+def main(argv):
+  kind = argv[1]
+  if kind == 'bug':
+    raise KeyError('a bug keeps its traceback')
+  raise getattr(errors, kind)('the disk\\nis gone')
+m.main = main
+sys.modules['boom'] = m
+cli.COMMANDS['boom'] = ('boom', 'raises what it is told')
+sys.exit(cli.run(['ecdit', 'boom', *sys.argv[1:]]))
+'''
+
+
+def boom(*args, env=None):
+  full_env = {k: v for k, v in os.environ.items() if k != 'ECDIT_VERBOSE'}
+  full_env.update(JAX_PLATFORMS='cpu', **(env or {}))
+  return subprocess.run([sys.executable, '-c', BOOM, *args], cwd=REPO, env=full_env, capture_output=True,
+                        text=True, timeout=120)
+
+
+@pytest.mark.parametrize('kind,code', [('UsageError', 2), ('RunError', 1), ('EcditError', 1)])
+def test_error_boundary_one_line_and_exit_status(kind, code):
+  r = boom(kind)
+  assert r.returncode == code
+  assert r.stderr == 'ecdit: error: the disk is gone\n'   # the message's lines joined: one line
+  verbose = boom(kind, '--verbose')
+  assert verbose.returncode == code and 'Traceback' in verbose.stderr
+  assert verbose.stderr.splitlines()[-1] == 'ecdit: error: the disk is gone'
+  env = boom(kind, env={'ECDIT_VERBOSE': '1'})
+  assert env.returncode == code and 'Traceback' in env.stderr
+
+
+def test_a_bug_keeps_its_traceback():
+  r = boom('bug')
+  assert r.returncode == 1 and 'Traceback' in r.stderr and 'ecdit: error' not in r.stderr
+
+
+def test_error_classes_keep_their_bases_and_exit_status():
+  from ecdit import errors
+  from ecdit.config.experiment import ConfigError
+  from ecdit.eval.compare import CompareError
+  from ecdit.export.weights import ExportError
+  from ecdit.models.hf_loading import LoadError
+  from ecdit.train.checkpoint import CheckpointError, NonFiniteStateError
+  from ecdit.train.loop import NonFiniteLossError
+  from ecdit.train.workdir import WorkdirError
+  for cls in (ConfigError, WorkdirError, ExportError, LoadError, CompareError):
+    assert issubclass(cls, ValueError) and issubclass(cls, errors.UsageError) and cls('x').exit_code == 2
+  for cls in (CheckpointError, NonFiniteStateError, NonFiniteLossError):
+    assert issubclass(cls, RuntimeError) and issubclass(cls, errors.RunError) and cls('x').exit_code == 1
+
+
+def test_library_defines_no_flags_and_never_imports_commands():
+  import ast
+  for path in sorted((REPO / 'ecdit').rglob('*.py')):
+    rel = path.relative_to(REPO).as_posix()
+    if rel.startswith('ecdit/commands/') or rel == 'ecdit/cli.py':
+      continue
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+      if isinstance(node, ast.Attribute) and node.attr.startswith('DEFINE_'):
+        raise AssertionError(f'{rel}:{node.lineno} defines a flag; flags belong in ecdit/commands/')
+      if isinstance(node, ast.ImportFrom) and (node.module or '').startswith(('ecdit.commands', 'ecdit.cli')):
+        raise AssertionError(f'{rel}:{node.lineno} imports {node.module}')
+      if isinstance(node, ast.Import) and any(a.name.startswith(('ecdit.commands', 'ecdit.cli'))
+                                              for a in node.names):
+        raise AssertionError(f'{rel}:{node.lineno} imports ecdit.commands or ecdit.cli')
+      if isinstance(node, ast.ImportFrom) and node.module == 'ecdit' and any(
+          a.name in ('commands', 'cli') for a in node.names):
+        raise AssertionError(f'{rel}:{node.lineno} imports ecdit.{node.names[0].name}')

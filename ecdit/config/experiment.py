@@ -19,6 +19,7 @@ from typing import Any
 import ml_collections
 from ml_collections import config_dict
 
+from ecdit import errors
 from ecdit.config.data import default_data_config, option, validate_data_config
 from ecdit.config.model import ModelConfig
 
@@ -157,7 +158,7 @@ def model_config(cfg) -> ModelConfig:
   return ModelConfig.from_dict({**implied, **values}) if implied else ModelConfig.from_dict(values)
 
 
-class ConfigError(ValueError):
+class ConfigError(errors.UsageError, ValueError):
   """A bad config value; the message is one line naming the key."""
 
 

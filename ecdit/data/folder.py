@@ -17,13 +17,15 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
+from ecdit import errors
+
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.webp', '.bmp', '.gif', '.tif', '.tiff')
 CAPTIONS_FILE = 'captions.jsonl'
 _FILE_KEYS = ('file', 'image', 'file_name')
 _TEXT_KEYS = ('caption', 'text')
 
 
-class BadImage(ValueError):
+class BadImage(errors.RunError, ValueError):
   """An individual image that cannot be used (unreadable, not an image, too small)."""
 
 

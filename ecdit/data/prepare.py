@@ -1,4 +1,4 @@
-"""`ecdit prepare --config=...`: materialise an experiment's dataset (and its tokenizer) under data.dir.
+"""Materialise an experiment's dataset (and its tokenizer) under data.dir (`ecdit prepare`).
 
 The dataset is written into a temporary directory next to its final place and renamed into place only once
 complete, so an interrupted or repeated run never leaves a half-written or corrupted dataset behind; an
@@ -14,9 +14,7 @@ import shutil
 import tempfile
 import time
 
-from absl import flags
 from absl import logging
-from ml_collections import config_flags
 
 from ecdit.config import data as config_lib
 from ecdit.data import folder_builder, latents, reader, shapes_builder, tokenizer
@@ -165,21 +163,3 @@ def _precompute(data_cfg, imported: pathlib.Path, settings: dict, verbose: bool)
           f'in {time.perf_counter() - start:.1f} s')
   return out
 
-
-# `ecdit prepare --config=...`. The training command imports this module for `prepare()` and has its own
-# --config: ours is defined only if none exists yet, and may be overridden by a later definition.
-if 'config' not in flags.FLAGS:
-  config_flags.DEFINE_config_file('config', None, 'experiment config file (its `data` section is used); '
-                                  'without it, ecdit.data.default_data_config()', allow_override=True)
-
-
-def main(argv):
-  if len(argv) > 1:
-    raise SystemExit(f'ecdit prepare: unexpected arguments {argv[1:]}')
-  cfg = flags.FLAGS.config
-  data_cfg = config_lib.default_data_config() if cfg is None else (cfg.data if 'data' in cfg else cfg)
-  logging.set_verbosity(logging.WARNING)
-  try:
-    prepare(data_cfg)
-  except (ValueError, FileNotFoundError, NotADirectoryError) as e:
-    raise SystemExit(f'ecdit prepare: {e}') from None

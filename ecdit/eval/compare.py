@@ -21,11 +21,13 @@ from pathlib import Path
 
 import numpy as np
 
+from ecdit import errors
+
 FINAL_LOSS_WINDOW = 5    # final loss = mean of the last this-many logged losses (one logged value is noisy)
 Z95 = 1.959964
 
 
-class CompareError(ValueError):
+class CompareError(errors.UsageError, ValueError):
   """A workdir cannot be compared (missing, or not a training run); the message names the path."""
 
 

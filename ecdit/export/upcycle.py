@@ -9,15 +9,20 @@ model's function up to float rounding, since the gates (router probabilities) su
 from __future__ import annotations
 
 import dataclasses
+import json
+from pathlib import Path
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
+from ecdit.config import experiment as config_lib
 from ecdit.config.model import ModelConfig
 from ecdit.models import stack
 from ecdit.models.ecdit import build_model, init_params
+from ecdit.train import checkpoint as ckpt_lib
+from ecdit.train import loop
 
 # Fields that may differ between the dense source and the MoE target; every other field must match.
 ROUTING_FIELDS = ('routing', 'num_experts', 'moe_every', 'capacity_factor', 'eval_capacity_factor',
@@ -65,3 +70,35 @@ def upcycle_params(dense_params, dense_cfg: ModelConfig, moe_cfg: ModelConfig, r
     out[path] = jnp.asarray(src[path])
   out = traverse_util.unflatten_dict(out)
   return stack.to_scanned(out, moe_cfg) if moe_cfg.scan_layers else out
+
+
+def upcycle_workdir(run, out: Path, overrides: dict, *, seed: int, source: dict) -> ModelConfig:
+  """Writes `out` as a new workdir upcycled from `run` (a `train.workdir.restore` result): config.json (the
+  run's config with `overrides` on its model section), upcycled_from.json (`source` + seed + overrides) and a
+  step-0 checkpoint (fresh optimizer state, params = EMA params = the upcycled ones, the input pipeline's
+  position reset to 0). Returns the new ModelConfig; a bad override raises ValueError before anything is
+  written."""
+  cfg = run.cfg
+  for k, v in overrides.items():
+    cfg.model[k] = v
+  mcfg = config_lib.validate(cfg)
+  params = upcycle_params(run.params, run.model_config, mcfg, jax.random.key(seed))
+
+  setup = loop.build(cfg, mcfg)
+  state = setup.init_state()
+  boxed = jax.tree_util.tree_structure(state.params)
+  new = jax.tree_util.tree_unflatten(boxed, jax.tree_util.tree_leaves(params))
+  state = state.replace(params=new, ema_params=jax.tree.map(lambda x: x, new))
+  data_state = dict(run.data_state) if isinstance(run.data_state, dict) else run.data_state
+  if isinstance(data_state, dict) and 'step' in data_state:
+    data_state['step'] = 0
+  out.mkdir(parents=True, exist_ok=True)
+  resolved = loop.resolved_config(cfg, mcfg)
+  (out / 'config.json').write_text(json.dumps(resolved, indent=2, sort_keys=True) + '\n')
+  # Provenance beside the config (config.json itself only holds schema keys).
+  source = dict(source, seed=seed, overrides=overrides)
+  (out / 'upcycled_from.json').write_text(json.dumps(source, indent=2, sort_keys=True) + '\n')
+  ck = ckpt_lib.Checkpointer(out, keep=cfg.train.keep_checkpoints, use_async=False)
+  ck.save(0, state, data_state, resolved)
+  ck.close()
+  return mcfg

@@ -39,6 +39,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from ecdit import errors
 from ecdit.config.model import ModelConfig
 
 FORMAT = 'ecdit-export'
@@ -56,7 +57,7 @@ EXPERT_LINEAR = 'expert_linear'  # Flax [E, in, out] → [E, out, in]
 TOP_LEVEL = ('image_size', 'in_channels', 'patch_size', 'text_length', 'vocab_size', 'routing', 'num_experts')
 
 
-class ExportError(ValueError):
+class ExportError(errors.UsageError, ValueError):
   """A bad export directory: missing file, unknown/missing tensor, shape or config mismatch."""
 
 

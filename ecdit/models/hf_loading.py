@@ -15,8 +15,10 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from ecdit import errors
 
-class LoadError(ValueError):
+
+class LoadError(errors.UsageError, ValueError):
   """A model folder that cannot be loaded: missing file, bad config, or weights that do not match it."""
 
 

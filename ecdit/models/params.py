@@ -1,8 +1,4 @@
-"""`ecdit params`: total and activated-per-token parameter counts, without allocating the model.
-
-    ecdit params --size=M --experts=64
-    ecdit params --size=XL --experts=32 --json
-    ecdit params --config=experiments/<file>.py     (reads the config's `model` section)
+"""Total and activated-per-token parameter counts, without allocating the model (`ecdit params`).
 
 Counts come from `jax.eval_shape` of the real model's `init` (shapes only), grouped by component.
 
@@ -32,26 +28,9 @@ constant by 29M). The 3XL-32E activated count (5.18B reported) disagrees with Al
 """
 from __future__ import annotations
 
-import json
-import re
-import sys
 from collections import OrderedDict
 
-from absl import app, flags
 import numpy as np
-
-FLAGS = flags.FLAGS
-flags.DEFINE_string('size', None, 'model size preset (ecdit.config.sizes), e.g. XL, XXL, 3XL, M, M-64E, S')
-flags.DEFINE_integer('experts', None, 'number of experts (overrides the preset / config)')
-flags.DEFINE_bool('dense', False, "count the dense model (routing='dense')")
-flags.DEFINE_float('capacity_factor', None, 'capacity factor used for the activated count')
-flags.DEFINE_bool('json', False, 'print one JSON object instead of the table')
-try:
-  from ml_collections import config_flags
-  config_flags.DEFINE_config_file('config', None, 'experiment config file; its `model` section is counted',
-                                  lock_config=False)
-except flags.DuplicateFlagError:  # imported twice in one process (tests)
-  pass
 
 # EC-DiT Table 1 as reported (billions): dense total, MoE total with E experts, layers of the MoE model.
 TABLE1 = {
@@ -210,86 +189,55 @@ def paper_comparison(size: str, cfg) -> dict | None:
   return out
 
 
-# ---- CLI -----------------------------------------------------------------------------------------------
+def report(model: dict, size: str | None) -> dict:
+  """`count(model)`, plus for a paper size the Table 1 comparison (`paper_table1`) and the paper accounting
+  (`paper_accounting`): what `ecdit params` prints."""
+  result = count(model)
+  cmp = paper_comparison(size, model) if isinstance(size, str) else None
+  if cmp is not None:
+    result['paper_table1'] = cmp
+    result['paper_accounting'] = paper_accounting(model)
+  return result
+
+
+# ---- the table `ecdit params` prints ---------------------------------------------------------------------
 
 def _fmt(n: float) -> str:
   return f'{n / 1e9:8.3f}B' if n >= 1e8 else f'{n / 1e6:8.2f}M'
 
 
-def _model_dict_from_flags() -> tuple[dict, str | None]:
-  model: dict = {}
-  cfg = FLAGS['config'].value if 'config' in FLAGS else None
-  if cfg is not None:
-    section = cfg.get('model', None)
-    if section is None:
-      raise app.UsageError('--config: the config has no `model` section')
-    model = section.to_dict() if hasattr(section, 'to_dict') else dict(section)
-  if FLAGS.size:
-    model['size'] = FLAGS.size
-  if FLAGS.experts is not None:
-    model['num_experts'] = FLAGS.experts
-    if FLAGS.size and not re.fullmatch(r'.+-\d+E', FLAGS.size):
-      model['size'] = f'{FLAGS.size}-{FLAGS.experts}E'   # the preset's MoE variant (M-64E: 38 layers)
-  if FLAGS.dense:
-    model['routing'] = 'dense'
-  if FLAGS.capacity_factor is not None:
-    model['capacity_factor'] = FLAGS.capacity_factor
-  if not model:
-    raise app.UsageError('give --size=<preset> (e.g. --size=XL --experts=32) or --config=<file>')
-  return model, model.get('size')
+def _component_lines(counts: dict) -> list[str]:
+  lines = [f'  {name:<13} {_fmt(n)}' for name, n in counts['components'].items() if n]
+  return lines + [f"  {'total':<13} {_fmt(counts['total'])}",
+                  f"  {'activated':<13} {_fmt(counts['activated'])}   (per token)"]
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  model, size = _model_dict_from_flags()
-  try:
-    result = count(model)
-    cmp = paper_comparison(size, model) if isinstance(size, str) else None
-    acct = paper_accounting(model) if cmp is not None else None
-  except ValueError as e:
-    print(f'ecdit params: {e}', file=sys.stderr)
-    return 2
-  if cmp is not None:
-    result['paper_table1'] = cmp
-    result['paper_accounting'] = acct
-  if FLAGS.json:
-    print(json.dumps(result, indent=1))
-    return 0
+def format_report(result: dict) -> str:
+  """The screen table of a `report`: the model, its counts by component, and for paper sizes Table 1."""
   c = result['config']
-  print(f"model: width {c['width']}, depth {c['depth']}, heads {c['num_heads']}/{c['kv_heads']} kv, "
-        f"routing {c['routing']}, experts {c['num_experts']} in {c['sparse_layers']} sparse layers, "
-        f"{c['experts_per_token']} expert(s)/token on average, {c['tokens']} image tokens")
-  for name, n in result['components'].items():
-    if n:
-      print(f'  {name:<13} {_fmt(n)}')
-  print(f"  {'total':<13} {_fmt(result['total'])}")
-  print(f"  {'activated':<13} {_fmt(result['activated'])}   (per token)")
-  if cmp is not None:
-    print('\npaper accounting of this model (Table 1\'s convention, `paper_accounting`: no cross-attention, '
-          f'a fixed {PAPER_FIXED / 1e9:.4f}B):')
-    for name, n in acct['components'].items():
-      if n:
-        print(f'  {name:<13} {_fmt(n)}')
-    print(f"  {'total':<13} {_fmt(acct['total'])}")
-    print(f"  {'activated':<13} {_fmt(acct['activated'])}   (per token)")
-    print(f"\nEC-DiT Table 1, {cmp['size']} (paper as reported / ours / paper accounting / closed-form fit):")
-    for key in ('dense', 'moe', 'activated'):
-      p = cmp['paper'].get(key)
-      o = cmp['ours'][key]
-      a = cmp['accounting'][key]
-      f = cmp['table1_fit'].get(key, cmp['table1_fit'].get('activated_algorithm2') if key == 'activated'
-                                 else None)
-      rel = f'{(o - p) / p * 100:+6.1f}%' if p else '      '
-      rel_a = f'{(a - p) / p * 100:+6.2f}%' if p else '       '
-      label = {'dense': 'dense', 'moe': f"{cmp['experts']}E total", 'activated': f"{cmp['experts']}E activ."}[key]
-      print(f"  {label:<12} paper {_fmt(p) if p else '       -'}  ours {_fmt(o)} {rel}  "
-            f"accounting {_fmt(a)} {rel_a}  fit {_fmt(f)}")
-    if cmp['size'] == '3XL':
-      print('  note: the paper reports 5.18B activated for 3XL-32E; Algorithm 2 (dense + (f_c−1)·FFN per '
-            'sparse layer) gives the "accounting" / "fit" numbers; we use Algorithm 2.')
-  return 0
-
-
-if __name__ == '__main__':
-  app.run(main)
+  lines = [f"model: width {c['width']}, depth {c['depth']}, heads {c['num_heads']}/{c['kv_heads']} kv, "
+           f"routing {c['routing']}, experts {c['num_experts']} in {c['sparse_layers']} sparse layers, "
+           f"{c['experts_per_token']} expert(s)/token on average, {c['tokens']} image tokens"]
+  lines += _component_lines(result)
+  cmp, acct = result.get('paper_table1'), result.get('paper_accounting')
+  if cmp is None:
+    return '\n'.join(lines)
+  lines += ['', 'paper accounting of this model (Table 1\'s convention, `paper_accounting`: no cross-attention, '
+            f'a fixed {PAPER_FIXED / 1e9:.4f}B):']
+  lines += _component_lines(acct)
+  lines += ['', f"EC-DiT Table 1, {cmp['size']} (paper as reported / ours / paper accounting / closed-form fit):"]
+  for key in ('dense', 'moe', 'activated'):
+    p = cmp['paper'].get(key)
+    o = cmp['ours'][key]
+    a = cmp['accounting'][key]
+    f = cmp['table1_fit'].get(key, cmp['table1_fit'].get('activated_algorithm2') if key == 'activated'
+                               else None)
+    rel = f'{(o - p) / p * 100:+6.1f}%' if p else '      '
+    rel_a = f'{(a - p) / p * 100:+6.2f}%' if p else '       '
+    label = {'dense': 'dense', 'moe': f"{cmp['experts']}E total", 'activated': f"{cmp['experts']}E activ."}[key]
+    lines.append(f"  {label:<12} paper {_fmt(p) if p else '       -'}  ours {_fmt(o)} {rel}  "
+                 f"accounting {_fmt(a)} {rel_a}  fit {_fmt(f)}")
+  if cmp['size'] == '3XL':
+    lines.append('  note: the paper reports 5.18B activated for 3XL-32E; Algorithm 2 (dense + (f_c−1)·FFN per '
+                 'sparse layer) gives the "accounting" / "fit" numbers; we use Algorithm 2.')
+  return '\n'.join(lines)

@@ -21,6 +21,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from ecdit import errors
 from ecdit.train.state import all_finite
 
 
@@ -33,11 +34,11 @@ def _is_finite(tree) -> bool:
   return bool(all_finite(tree))
 
 
-class NonFiniteStateError(RuntimeError):
+class NonFiniteStateError(errors.RunError, RuntimeError):
   pass
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(errors.RunError, RuntimeError):
   pass
 
 

@@ -12,6 +12,7 @@ import flax.linen as nn
 import numpy as np
 from absl import logging
 
+from ecdit import errors
 from ecdit import parallel
 from ecdit.config import experiment as config_lib
 from ecdit.data import batch as batch_lib
@@ -26,7 +27,7 @@ from ecdit.train.metrics import MetricsWriter, Progress, Timer
 from ecdit.train.step import jit_train_step, make_train_step
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(errors.RunError, RuntimeError):
   pass
 
 

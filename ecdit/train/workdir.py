@@ -19,6 +19,7 @@ from typing import Any, Callable
 import flax.linen as nn
 import ml_collections
 
+from ecdit import errors
 from ecdit.config import data as data_config
 from ecdit.config import experiment as config_lib
 from ecdit.config.model import ModelConfig
@@ -28,7 +29,7 @@ from ecdit.train import frozen
 from ecdit.train import loop
 
 
-class WorkdirError(ValueError):
+class WorkdirError(errors.UsageError, ValueError):
   """The workdir, its config.json or its checkpoints are missing or unreadable."""
 
 

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 
-from ecdit import cli
+from ecdit import errors
+from ecdit.commands import flags as cflags
+from ecdit.eval import compare
 
 _WORKDIRS = flags.DEFINE_list('workdirs', None, 'comma-separated training run directories')
 _LABELS = flags.DEFINE_list('labels', None, "comma-separated names, one per workdir (default: each run's "
@@ -22,23 +24,17 @@ _OUT = flags.DEFINE_string('out', None, 'output directory for loss_curves.png, c
 
 
 def main(argv):
-  if len(argv) > 1:
-    cli.fail(f'unexpected arguments {argv[1:]}')
+  cflags.no_arguments(argv)
   workdirs = [w for w in (_WORKDIRS.value or []) if w]
   if not workdirs:
-    cli.fail('--workdirs is required: comma-separated training run directories')
-  if not _OUT.value:
-    cli.fail('--out is required: the directory for loss_curves.png, compare.md and compare.json')
+    raise errors.UsageError('--workdirs is required: comma-separated training run directories')
+  cflags.require(_OUT, why=': the directory for loss_curves.png, compare.md and compare.json')
   labels = _LABELS.value
   if labels is not None and len(labels) != len(workdirs):
-    cli.fail(f'--labels has {len(labels)} name(s) but --workdirs has {len(workdirs)} workdir(s); '
-             'give one label per workdir')
-
-  from ecdit.eval import compare  # pylint: disable=import-outside-toplevel
-  try:
-    runs = [compare.load_run(w, labels[i] if labels else None) for i, w in enumerate(workdirs)]
-  except compare.CompareError as e:
-    cli.fail(str(e))
+    raise errors.UsageError(f'--labels has {len(labels)} name(s) but --workdirs has {len(workdirs)} workdir(s); '
+                            'give one label per workdir')
+  # CompareError (a missing workdir or one that is not a run) reaches the boundary as one line.
+  runs = [compare.load_run(w, labels[i] if labels else None) for i, w in enumerate(workdirs)]
   names = [r.label for r in runs]
   if not labels and len(set(names)) < len(names):   # e.g. two seeds of one config: tell them apart
     for r in runs:
@@ -46,7 +42,3 @@ def main(argv):
   report = compare.write_report(runs, _OUT.value)
   print(report['table'], flush=True)
   print(f'wrote {report["png"]}, {report["md"]} and {report["json"]}', flush=True)
-
-
-if __name__ == '__main__':
-  app.run(main)

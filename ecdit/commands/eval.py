@@ -6,21 +6,25 @@
 `--prompts` is a GenEval metadata JSONL file (DESIGN.md §3); without it, `--num_prompts` records of the
 shapes world's eval-prompts split are written to a temporary file and used. Results (overall, per-tag
 accuracy, counts, per-record verdicts) go to `--out` (default `<workdir or .>/eval/<name>.json`), a PNG grid
-of failed images next to it, and a table to the screen.
+of failed images next to it, and a table to the screen. The library is `ecdit.eval.shapes_eval`.
 """
 from __future__ import annotations
 
 import tempfile
 from pathlib import Path
 
-from absl import app, flags
+import numpy as np
+from absl import flags
 
-from ecdit import cli
+from ecdit import errors
+from ecdit.commands import flags as cflags
+from ecdit.data import shapes
+from ecdit.eval import geneval_rules, shapes_eval
 
 _PROMPTS = flags.DEFINE_string('prompts', None, 'GenEval metadata JSONL (default: the shapes eval prompts)')
 _OUT = flags.DEFINE_string('out', None, 'results JSON (default <workdir or .>/eval/<step_N|ground_truth>.json)')
 _GROUND_TRUTH = flags.DEFINE_bool('ground_truth', False, 'render the prompts with the shapes world, no model')
-_WORKDIR = flags.DEFINE_string('workdir', None, 'training run directory (needed unless --ground_truth)')
+_WORKDIR = cflags.define_workdir('training run directory (needed unless --ground_truth)')
 _N = flags.DEFINE_integer('images_per_prompt', 4, 'images generated and scored per prompt')
 _NUM_PROMPTS = flags.DEFINE_integer('num_prompts', 120, 'prompts to generate when --prompts is not given')
 _PROMPT_SEED = flags.DEFINE_integer('prompt_seed', 0, 'seed of the generated prompts (without --prompts)')
@@ -34,57 +38,41 @@ _EMA = flags.DEFINE_bool('ema', True, 'use the EMA weights')
 _MAX_FAILURES = flags.DEFINE_integer('max_failures', 48, 'failed images in the PNG grid (0: no grid)')
 
 
-_fail = cli.fail
-
-
-def _positive(flag):
-  if flag.value is not None and flag.value < 1:
-    _fail(f'--{flag.name}={flag.value} is invalid: expected an integer >= 1')
-
-
-def main(argv):
-  if len(argv) > 1:
-    _fail(f'unexpected arguments {argv[1:]}')
-  for f in (_N, _NUM_PROMPTS, _BATCH, _STEPS):
-    _positive(f)
-  if _IMAGE_SIZE.value < 8:
-    _fail(f'--image_size={_IMAGE_SIZE.value} is invalid: expected at least 8')
-  if not _GROUND_TRUTH.value and not _WORKDIR.value:
-    _fail('--workdir is required to evaluate a model (or pass --ground_truth to score the shapes world)')
-
-  import numpy as np  # pylint: disable=import-outside-toplevel
-
-  from ecdit.data import shapes  # pylint: disable=import-outside-toplevel
-  from ecdit.eval import geneval_rules, shapes_eval  # pylint: disable=import-outside-toplevel
-
+def _records() -> list[dict]:
+  """The GenEval records to score: --prompts, or --num_prompts generated shapes eval prompts."""
   with tempfile.TemporaryDirectory() as tmp:
     prompts = _PROMPTS.value
     if not prompts:
       prompts = str(Path(tmp) / 'eval_prompts.jsonl')
       shapes.write_eval_prompts(prompts, _NUM_PROMPTS.value, seed=_PROMPT_SEED.value)
-    try:
-      records = geneval_rules.read_records(prompts)
-    except ValueError as e:
-      _fail(str(e))
+    with cflags.translate():
+      return geneval_rules.read_records(prompts)
+
+
+def main(argv):
+  cflags.no_arguments(argv)
+  for f in (_N, _NUM_PROMPTS, _BATCH, _STEPS):
+    cflags.at_least(f, 1)
+  if _IMAGE_SIZE.value < 8:
+    raise errors.UsageError(f'--image_size={_IMAGE_SIZE.value} is invalid: expected at least 8')
+  if not _GROUND_TRUTH.value:
+    cflags.require(_WORKDIR, why=' to evaluate a model (or pass --ground_truth to score the shapes world)')
+  records = _records()
 
   extra = {'prompts': _PROMPTS.value or f'shapes eval_prompts (num={_NUM_PROMPTS.value}, '
                                          f'seed={_PROMPT_SEED.value})'}
   if _GROUND_TRUTH.value:
-    try:
+    with cflags.translate():
       for i, r in enumerate(records):   # fail early on records no scene can satisfy
         shapes_eval.scene_from_record(r, np.random.default_rng(i), _IMAGE_SIZE.value)
-    except ValueError as e:
-      _fail(str(e))
     generate = shapes_eval.ground_truth_generator(records, _IMAGE_SIZE.value)
     name = 'ground_truth'
     extra.update(source='ground_truth', image_size=_IMAGE_SIZE.value)
   else:
-    try:
+    with cflags.translate():
       generate, info = shapes_eval.model_generator(
           _WORKDIR.value, num_steps=_STEPS.value, cfg_scale=_CFG_SCALE.value, sampler=_SAMPLER.value,
           ema=_EMA.value)
-    except ValueError as e:
-      _fail(str(e))
     name = f'step_{info["step"]:07d}'
     extra.update(source='model', ema=_EMA.value, **info)
 
@@ -97,7 +85,3 @@ def main(argv):
   failed = sum(not ok for r in results['records'] for ok in r['correct'])
   print(f'wrote {out}' + (f' and {png} ({failed} failed images)' if results.get('failures_png') else ''),
         flush=True)
-
-
-if __name__ == '__main__':
-  app.run(main)

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 
-from ecdit import cli
+from ecdit import errors
+from ecdit.commands import flags as cflags
+from ecdit.diffusion import sampler as sampler_lib
+from ecdit.train import workdir as workdir_lib
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'training run directory (holds config.json and checkpoints/)')
+_WORKDIR = cflags.define_workdir('training run directory (holds config.json and checkpoints/)')
 _PROMPTS = flags.DEFINE_string('prompts', None, "';'-separated prompts (default: the config's sample.prompts)")
 _OUT = flags.DEFINE_string('out', None, 'output PNG (default <workdir>/samples/sample_<step>.png)')
 _STEPS = flags.DEFINE_integer('steps', None, 'ODE steps (default: the config\'s sample.num_steps)')
@@ -25,33 +28,19 @@ _EMA = flags.DEFINE_bool('ema', True, 'use the EMA weights')
 _REPEAT = flags.DEFINE_integer('repeat', 1, 'images per prompt (one row per prompt)')
 
 
-_fail = cli.fail
-
-
 def main(argv):
-  if len(argv) > 1:
-    _fail(f'unexpected arguments {argv[1:]}')
-  if not _WORKDIR.value:
-    _fail('--workdir is required')
+  cflags.no_arguments(argv)
+  cflags.require(_WORKDIR)
   workdir = Path(_WORKDIR.value)
-  if _REPEAT.value < 1:
-    _fail(f'--repeat={_REPEAT.value} is invalid: expected an integer >= 1')
-  if _STEPS.value is not None and _STEPS.value < 1:
-    _fail(f'--steps={_STEPS.value} is invalid: expected an integer >= 1')
-  from absl import logging
-  if not flags.FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)
-  from ecdit.diffusion import sampler as sampler_lib
-  from ecdit.train import workdir as workdir_lib
-
-  try:
+  cflags.at_least(_REPEAT, 1)
+  cflags.at_least(_STEPS, 1)
+  cflags.quiet_logging()
+  with cflags.translate():   # WorkdirError, ConfigError
     cfg = workdir_lib.load_run_config(workdir)
     prompts = [p.strip() for p in (_PROMPTS.value or cfg.sample.prompts).split(';') if p.strip()]
     if not prompts:
-      _fail('--prompts is empty')
+      raise errors.UsageError('--prompts is empty')
     run = workdir_lib.restore(workdir, ema=_EMA.value)
-  except ValueError as e:   # WorkdirError, ConfigError
-    _fail(str(e))
   step, mcfg = run.step, run.model_config
   sampler = sampler_lib.make_sampler(
       run.model, image_shape=(mcfg.image_size, mcfg.image_size, mcfg.in_channels),
@@ -67,7 +56,3 @@ def main(argv):
   sampler_lib.save_png(sampler_lib.make_grid(images, cols=cols, scale=scale), out)
   print(f'wrote {out}: {len(batch)} samples from checkpoint step {step} '
         f'({"one row per prompt: " if cols else ""}{"; ".join(prompts)})', flush=True)
-
-
-if __name__ == '__main__':
-  app.run(main)
