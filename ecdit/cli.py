@@ -25,6 +25,7 @@ COMMANDS = {
     'analyze': ('ecdit.commands.analyze', 'experts per image token per layer/step: heat maps, fg/bg, text'),
     'compare': ('ecdit.commands.compare', 'runs side by side: loss curves PNG, GenEval scores, fg/bg ratio'),
     'export': ('ecdit.commands.export', 'a workdir as safetensors (+ PyTorch reference) or StableHLO artefacts'),
+    'plan': ('ecdit.commands.plan', 'compile the train step for N simulated chips: memory, FLOPs, roofline'),
     'upcycle': ('ecdit.commands.upcycle', 'an EC-DiT workdir from a dense one (FFNs copied into experts)'),
 }
 VERBOSE_ENV = 'ECDIT_VERBOSE'

@@ -8,6 +8,7 @@ import importlib.util
 import os
 from pathlib import Path
 
+import ml_collections
 import pytest
 
 from ecdit.config import experiment as config_lib
@@ -100,3 +101,13 @@ def test_model_shapes_come_from_the_data_section():
   c.model.image_size = 32   # an explicit model key the data decides must agree with it
   with pytest.raises(config_lib.ConfigError, match=r'model.image_size=32 .*data.image_size=64'):
     config_lib.validate(c)
+
+
+def test_an_older_run_config_gets_the_keys_added_since():
+  saved = config_lib.to_dict(_module('shapes_tiny').get_config())
+  del saved['train']['remat'], saved['model']['scan_layers']   # written before these keys existed
+  saved['train']['num_steps'] = 7
+  filled = config_lib.with_defaults(saved)
+  assert filled['train']['remat'] == 'none' and filled['model']['scan_layers'] is None
+  assert filled['train']['num_steps'] == 7 and filled['model']['width'] == 128   # the run's own values kept
+  config_lib.validate(ml_collections.ConfigDict(filled))

@@ -141,7 +141,7 @@ def plan(cfg, *, devices: Sequence[Any], chip: str) -> dict[str, Any]:
 
 
 def _gib(b: float) -> str:
-  return f'{b / 2**30:.2f} GiB'
+  return f'{b / 2**30:.2f} GiB' if b >= 2**30 else f'{b / 2**20:.1f} MiB'
 
 
 def format_plan(p: dict[str, Any]) -> str:
@@ -158,8 +158,8 @@ def format_plan(p: dict[str, Any]) -> str:
       f"per device, unmasked); XLA's compiled count {p['xla_flops_per_device']:.3e} per device",
       'collectives per step per device: ' + ', '.join(
           f"{k} {v['count']}x {_gib(v['bytes'])}" for k, v in p['collectives'].items() if v['count']) or 'none',
-      f"roofline: compute {r['compute'] * 1e3:.1f} ms, HBM {r['hbm'] * 1e3:.1f} ms, collectives "
-      f"{r['collectives'] * 1e3:.1f} ms -> step {r['overlapped'] * 1e3:.1f}-{r['serial'] * 1e3:.1f} ms, "
+      f"roofline: compute {r['compute'] * 1e3:.3g} ms, HBM {r['hbm'] * 1e3:.3g} ms, collectives "
+      f"{r['collectives'] * 1e3:.3g} ms -> step {r['overlapped'] * 1e3:.3g}-{r['serial'] * 1e3:.3g} ms, "
       f"MFU {p['mfu']['serial']:.2f}-{p['mfu']['overlapped']:.2f}",
   ]
   return '\n'.join(lines)

@@ -2,11 +2,15 @@
 
   ecdit export --workdir=runs/shapes_tiny --out=export/ [--ema]                 # safetensors + config + README
   ecdit export --workdir=runs/shapes_tiny --out=hlo/ --format=stablehlo [--steps=25 --cfg_scale=3]
+  ecdit export --workdir=runs/shapes_tiny --out=pipe/ --format=diffusers [--ema --overwrite]   # torch extra
 
 safetensors: `model.safetensors`, `config.json`, `README.md` (tensor table) and `tokenizer.model` when the run
 has one; load with `ecdit.export.torch_reference.load_model(dir)` (PyTorch) or `ecdit.export.load_jax(dir)`.
 stablehlo: `velocity.jax_exported` and `sampler.jax_exported` (symbolic batch; see ecdit/export/stablehlo.py);
 load with `ecdit.export.load_stablehlo(dir)`.
+diffusers: a DiffusionPipeline folder (model_index.json, transformer/, text_encoder/, tokenizer/, scheduler/,
+model card); load with `ecdit_torch.load_pipeline(dir)` or `DiffusionPipeline.from_pretrained(dir,
+trust_remote_code=True)`. See ecdit/export/diffusers.py.
 """
 from __future__ import annotations
 
@@ -21,7 +25,8 @@ from ecdit.train import workdir as workdir_lib
 
 _WORKDIR = cflags.define_workdir('training run directory (config.json + checkpoints/)')
 _OUT = flags.DEFINE_string('out', None, 'output directory')
-_FORMAT = flags.DEFINE_enum('format', 'safetensors', ['safetensors', 'stablehlo'], 'export format')
+_FORMAT = flags.DEFINE_enum('format', 'safetensors', ['safetensors', 'stablehlo', 'diffusers'], 'export format')
+_OVERWRITE = flags.DEFINE_bool('overwrite', False, 'diffusers: replace a non-empty --out (written aside, then moved)')
 _EMA = flags.DEFINE_bool('ema', False, 'export the EMA weights instead of the raw parameters')
 _STEPS = flags.DEFINE_integer('steps', None, 'stablehlo sampler: Euler steps (default: the run\'s sample.num_steps)')
 _CFG_SCALE = flags.DEFINE_float('cfg_scale', None, 'stablehlo sampler: guidance scale (default: sample.cfg_scale)')
@@ -43,6 +48,12 @@ def main(argv):
   cflags.no_arguments(argv)
   cflags.require(_WORKDIR)
   cflags.require(_OUT)
+  if _FORMAT.value == 'diffusers':
+    # Imported here: it needs torch and diffusers (the torch extra), which the other formats do not.
+    from ecdit.export import diffusers  # pylint: disable=import-outside-toplevel
+    out = diffusers.export_diffusers(_WORKDIR.value, _OUT.value, ema=_EMA.value, overwrite=_OVERWRITE.value)
+    print(f'wrote {out}: {", ".join(sorted(p.name for p in out.iterdir()))} (diffusers)', flush=True)
+    return 0
   with cflags.translate(first_line=True):   # WorkdirError, ConfigError
     run = workdir_lib.restore(_WORKDIR.value, ema=_EMA.value)
   source = {'workdir': str(Path(_WORKDIR.value).resolve()), 'step': run.step, 'ema': bool(_EMA.value)}

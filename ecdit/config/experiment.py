@@ -267,6 +267,17 @@ def validate(cfg) -> ModelConfig:
   return mcfg
 
 
+def with_defaults(saved: dict[str, Any]) -> dict[str, Any]:
+  """A saved config (a run's config.json) with the keys added since it was written set to their defaults
+  (e.g. train.remat, model.scan_layers): older runs keep restoring, with the behaviour they were trained with."""
+  def merge(base, over):
+    out = dict(base)
+    for k, v in over.items():
+      out[k] = merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return out
+  return merge(to_dict(base_config()), saved)
+
+
 def to_dict(cfg) -> dict[str, Any]:
   return json.loads(cfg.to_json_best_effort())
 

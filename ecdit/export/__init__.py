@@ -13,6 +13,7 @@ _LAZY = {
     'ExportError': 'ecdit.export.weights',
     'load_stablehlo': 'ecdit.export.stablehlo',
     'upcycle_params': 'ecdit.export.upcycle',
+    'export_diffusers': 'ecdit.export.diffusers',
 }
 
 

@@ -30,7 +30,12 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+import flax.linen as nn
 import numpy as np
+from flax import traverse_util
+
+from ecdit.models import stack
+from ecdit.models.ecdit import abstract_params, as_config, build_model
 
 # EC-DiT Table 1 as reported (billions): dense total, MoE total with E experts, layers of the MoE model.
 TABLE1 = {
@@ -75,7 +80,6 @@ def paper_accounting(cfg) -> dict:
   (adaLN 2d² + linear to patches), and `PAPER_FIXED`. This is our model minus its cross-attention (and that
   attention's norm), with the text side replaced by `PAPER_FIXED`. Activated per token as in `count`.
   """
-  from ecdit.models.ecdit import as_config
   cfg = as_config(cfg)
   d, L, kv, pd, w = cfg.width, cfg.depth, cfg.kv_heads * cfg.head_dim, cfg.patch_dim, cfg.text_width
   sparse = sum(cfg.is_sparse_block(i) for i in range(L))
@@ -127,11 +131,6 @@ def _component(path: tuple[str, ...]) -> str:
 
 def count(cfg) -> dict:
   """Parameter counts of `cfg` (ModelConfig or mapping) by component, total and activated per token."""
-  import jax
-  import flax.linen as nn
-  from flax import traverse_util
-  from ecdit.models import stack
-  from ecdit.models.ecdit import abstract_params, as_config, build_model
 
   cfg = as_config(cfg)
   params = stack.to_unrolled(nn.unbox(abstract_params(build_model(cfg))), cfg)   # per block, either layout
@@ -139,7 +138,6 @@ def count(cfg) -> dict:
   parts = OrderedDict((c, 0) for c in _COMPONENTS)
   for path, leaf in flat.items():
     parts[_component(tuple(str(p) for p in path))] += _size(leaf)
-  del jax
   total = sum(parts.values())
   sparse_layers = sum(cfg.is_sparse_block(i) for i in range(cfg.depth))
   if sparse_layers:
@@ -159,7 +157,6 @@ def count(cfg) -> dict:
 
 def paper_comparison(size: str, cfg) -> dict | None:
   """Table 1 vs our counts for a paper size (base name, e.g. 'M'); None for other sizes."""
-  from ecdit.models.ecdit import as_config
   base = size.split('-')[0]
   if base not in TABLE1:
     return None

@@ -78,6 +78,7 @@ def load_run_config(workdir: str | Path):
   except (OSError, ValueError) as e:
     raise WorkdirError(f'{path} is unreadable: {e}') from None
   d.pop('resolved_model', None)
+  d = config_lib.with_defaults(d)
   if isinstance(d.get('data', {}).get('latent_shape'), list):
     d['data']['latent_shape'] = tuple(d['data']['latent_shape'])
   return ml_collections.ConfigDict(d)
