@@ -131,3 +131,15 @@ def test_moe_stats_are_sown(tiny):
   cfg, model, _, noisy, _ = tiny
   _, state = model.apply({'params': noisy}, *_inputs(cfg), train=True, mutable=['moe_stats', 'losses'])
   assert 'block_1' in state['moe_stats']
+
+
+def test_group_routing_pooled_over_images_initialises(tiny):
+  """Groups larger than one image's tokens need a dummy batch of whole groups at init; the parameters are
+  the image-scope model's."""
+  cfg, _, params, _, _ = tiny
+  pooled = dataclasses.replace(cfg, routing_scope='group', group_size=3 * cfg.num_tokens)
+  got = init_params(build_model(pooled), jax.random.key(0))
+  assert jax.tree.map(jnp.shape, nn.unbox(got)) == jax.tree.map(jnp.shape, nn.unbox(params))
+  x, t, ids, mask = _inputs(pooled, b=2)
+  x, t, ids, mask = (jnp.concatenate([a, a, a[:2]])[:3] for a in (x, t, ids, mask))   # 3 images: one group
+  assert build_model(pooled).apply({'params': got}, x, t, ids, mask).shape == x.shape

@@ -14,6 +14,7 @@ width once and read by every block's cross-attention.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping
 
 import flax.linen as nn
@@ -136,7 +137,12 @@ def init_params(model: ECDiT, seed: int | jax.Array, batch_size: int = 1):
   experiment's integer seed (what training uses: one seed gives the same weights in train, bench and tests)
   or an explicit key."""
   key = params_key(seed) if isinstance(seed, int) else seed
-  return model.init(key, *dummy_inputs(model.config, batch_size), train=False)['params']
+  cfg = model.config
+  if cfg.routing != 'dense' and cfg.routing_scope == 'group' and cfg.group_size > cfg.num_tokens:
+    # Routing groups pooled over images: the dummy batch must hold whole groups (parameters do not depend
+    # on the batch, only tracing does).
+    batch_size = max(batch_size, math.lcm(cfg.group_size, cfg.num_tokens) // cfg.num_tokens)
+  return model.init(key, *dummy_inputs(cfg, batch_size), train=False)['params']
 
 
 def abstract_params(model: ECDiT, batch_size: int = 1):
