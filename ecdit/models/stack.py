@@ -25,6 +25,7 @@ import numpy as np
 from ecdit.config.experiment import REMAT_POLICIES
 from ecdit.config.model import ModelConfig
 from ecdit.layers.dit import MOE_OUT, DiTBlock
+from ecdit.layers.moe.ffn import EXPERT_IN, EXPERT_OUT
 
 SCANNED = 'blocks'   # the scanned stack's module name
 _BLOCK = re.compile(r'block_(\d+)$')
@@ -35,14 +36,15 @@ def checkpoint_policy(name: str):
 
   full      save nothing: every activation of the unit is recomputed in the backward pass
   dots      save the outputs of weight matmuls (no batch dimension), recompute the rest
-  save_moe  save only the MoE layers' combined outputs: the expert dispatch, its all_to_all and the expert
-            matmuls are not run again in the backward pass; attention and dense FFNs are
+  save_moe  save only the MoE layers' expert inputs (after dispatch), expert outputs and combined outputs:
+            the backward pass runs no routing, dispatch or all_to_all again, only the experts' first matmul;
+            attention and dense FFNs are recomputed
   """
   if name not in REMAT_POLICIES:
     raise ValueError(f'train.remat={name!r} is invalid: expected one of {list(REMAT_POLICIES)}')
   return {'full': None,
           'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-          'save_moe': jax.checkpoint_policies.save_only_these_names(MOE_OUT)}.get(name)
+          'save_moe': jax.checkpoint_policies.save_only_these_names(MOE_OUT, EXPERT_IN, EXPERT_OUT)}.get(name)
 
 
 class BlockUnit(nn.Module):

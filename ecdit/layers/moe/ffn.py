@@ -11,10 +11,12 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 # tanh-approximate GeLU, as in the DiT and PixArt-α FFNs (PyTorch `nn.GELU(approximate='tanh')`); an exported
 # model must use the same approximation.
 GELU_APPROXIMATE = True
+EXPERT_IN, EXPERT_OUT = 'moe_expert_in', 'moe_expert_out'   # checkpoint names (ecdit.models.stack)
 
 # Linear layers are Xavier-uniform with zero bias, as DiT initialises every nn.Linear.
 kernel_init = nn.initializers.xavier_uniform()
@@ -49,8 +51,9 @@ def run_experts(xe: jax.Array, wi, bi, wo, bo, model_axis: str | None = None) ->
 
   `model_axis` (inside shard_map, the hidden width split over it, Megatron style): each device holds
   `wi[:, :, h_l]`, `wo[:, h_l, :]`; the partial products are psummed before the output bias is added once."""
-  h = jnp.einsum('egcd,edh->egch', xe, wi) + bi[:, None, None, :]
+  xe = checkpoint_name(xe, EXPERT_IN)   # train.remat='save_moe' keeps these two: no dispatch or all_to_all
+  h = jnp.einsum('egcd,edh->egch', xe, wi) + bi[:, None, None, :]   # is run again in the backward pass
   out = jnp.einsum('egch,ehd->egcd', gelu(h), wo)
   if model_axis:
     out = jax.lax.psum(out, model_axis)
-  return out + bo[:, None, None, :]
+  return checkpoint_name(out + bo[:, None, None, :], EXPERT_OUT)

@@ -32,12 +32,13 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
 from ecdit.config.model import ModelConfig
 from ecdit.layers import routing
 from ecdit.layers.moe.dispatch import dispatch_and_combine, group_tokens
-from ecdit.layers.moe.ffn import run_experts
+from ecdit.layers.moe.ffn import EXPERT_OUT, run_experts
 from ecdit.layers.moe.layout import layout
 from ecdit.layers.moe.router import route, routing_stats
 from ecdit.parallel.mesh import AXES, BATCH_AXES
@@ -102,6 +103,7 @@ def moe_expert_parallel(x, weights, cfg: ModelConfig, train: bool, mesh, *, want
         ye = experts_fn(xe)
         if n_exp > 1:
           ye = jax.lax.all_to_all(ye, 'expert', 1, 0, tiled=True)  # [E, G_l, C, d]
+          ye = checkpoint_name(ye, EXPERT_OUT)   # the returned outputs too: remat='save_moe' keeps them
         return ye
       y = dispatch_and_combine(cast(xg), gate, index, valid, cfg.moe_backend, remote_experts)
       y = y.reshape(local, tokens, width)
