@@ -19,6 +19,7 @@ from flax import traverse_util
 from jax.sharding import PartitionSpec as P
 
 from ecdit.models import ecdit as ecdit_lib
+from ecdit.models import stack
 from ecdit.config.model import ModelConfig
 from ecdit.config.sizes import preset
 from ecdit.parallel import (LOGICAL_RULES, batch_sharding, logical_to_spec, make_mesh, param_shardings, param_specs,
@@ -41,9 +42,10 @@ def _experiment(name, variant):
 
 
 def spec_dump(model_cfg) -> str:
-  """One line per parameter kind: path (block numbers folded to `*`) → mesh PartitionSpec and shape."""
+  """One line per parameter kind: path (block numbers folded to `*`) → mesh PartitionSpec and shape. A
+  scanned stack is dumped per block (its leading 'layers' axis is never split), so both layouts share goldens."""
   boxed = ecdit_lib.abstract_params(ecdit_lib.build_model(model_cfg))
-  specs = traverse_util.flatten_dict(param_specs(boxed))
+  specs = traverse_util.flatten_dict(stack.to_unrolled(param_specs(boxed), model_cfg))
   shapes = traverse_util.flatten_dict(nn.unbox(boxed))
   lines = {}
   for path, spec in specs.items():

@@ -21,6 +21,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.sharding import PartitionSpec
 
 from ecdit.config.experiment import REMAT_POLICIES
 from ecdit.config.model import ModelConfig
@@ -82,12 +83,13 @@ def run_blocks(cfg: ModelConfig, remat: str, tokens, c, ctx, text_mask, *, train
 # ---- the two layouts ------------------------------------------------------------------------------------
 
 def _leaves_map(fn, tree):
-  return jax.tree_util.tree_map(fn, tree)
+  return jax.tree_util.tree_map(fn, tree, is_leaf=lambda a: isinstance(a, PartitionSpec))
 
 
 def to_unrolled(tree: dict[str, Any], cfg: ModelConfig) -> dict[str, Any]:
   """A scanned-layout tree (a dict holding 'blocks') → the unrolled layout; other trees are returned as is.
-  Works on arrays, numpy arrays and `jax.ShapeDtypeStruct`s (abstract trees)."""
+  Works on arrays, numpy arrays, `jax.ShapeDtypeStruct`s (abstract trees) and PartitionSpecs (the leading
+  'layers' entry dropped)."""
   if not isinstance(tree, dict) or SCANNED not in tree:
     return tree
   u, n = cfg.scan_unit, cfg.depth // cfg.scan_unit
@@ -119,6 +121,8 @@ def layout_of(tree: dict[str, Any]) -> str:
 
 
 def _index(a, k):
+  if isinstance(a, PartitionSpec):
+    return PartitionSpec(*a[1:])
   if isinstance(a, jax.ShapeDtypeStruct):
     return jax.ShapeDtypeStruct(a.shape[1:], a.dtype)
   return a[k]
