@@ -1,5 +1,6 @@
-"""`ecdit analyze` and ecdit.eval.routing_stats: routing recorded while sampling, its summaries, fg/bg on
-hand-made masks, textual importance, and the command end to end on a tiny workdir (in a subprocess)."""
+"""`ecdit analyze` (ecdit.eval.routing_stats over ecdit.eval.routing): routing recorded while sampling, its
+summaries, fg/bg on hand-made masks, textual importance, and the command end to end on a tiny workdir (in a
+subprocess)."""
 from __future__ import annotations
 
 import json
@@ -13,7 +14,8 @@ import pytest
 from _train_util import Tokens, tiny_config
 from cli_util import run_cli
 from ecdit.data import shapes
-from ecdit.eval import routing_stats as rs
+from ecdit.diffusion import flow
+from ecdit.eval.routing import collect, heatmap, scenes, summary, textual
 
 
 def _perturb(params, key, scale=0.2):
@@ -47,25 +49,31 @@ def test_sampling_records_routing_shapes_and_exact_group_totals(tiny):
   ids, mask = tok.encode_batch(['a red circle', 'two squares'])
   null_ids, null_mask = tok.encode_batch([''])
   args = [jnp.asarray(a) for a in (ids, mask, null_ids, null_mask)]
-  images, ts, states, counts = rs.sample_with_routing(model, params, *args, num_steps=3, cfg_scale=2.0,
-                                                      method='heun', seed=5)
+  images, ts, states, counts = collect.sample_with_routing(model, params, *args, num_steps=3, cfg_scale=2.0,
+                                                           method='heun', seed=5)
   s, e = mcfg.num_tokens, mcfg.num_experts
   assert images.shape == (2, 16, 16, 3) and states.shape == (3, 2, 16, 16, 3)
   assert counts.shape == (3, 2, 2, s) and counts.dtype == np.int32      # [T, layers, B, S]
   np.testing.assert_allclose(ts, [1.0, 2 / 3, 1 / 3], atol=1e-6)
-  assert rs.moe_layer_names(mcfg) == ['block_0', 'block_1']
+  assert collect.moe_layer_names(mcfg) == ['block_0', 'block_1']
   cap = mcfg.capacity_for(s, train=False)
   # expert choice: every expert takes exactly C tokens of each routing group (one image here)
-  np.testing.assert_array_equal(rs.group_totals(counts, mcfg), np.full((3, 2, 2), e * cap))
+  np.testing.assert_array_equal(summary.group_totals(counts, mcfg), np.full((3, 2, 2), e * cap))
   assert counts.min() >= 0 and counts.max() <= e
   assert len(np.unique(counts)) > 1, 'routing is trivial; the perturbed model should spread its experts'
-  # the same trajectory as the library sampler (same noise, grid, guidance and Heun update)
+  # the library sampler's own trajectory (same noise, grid, guidance and Heun update)
   ref = sampler_lib.make_sampler(model, image_shape=(16, 16, 3), num_steps=3, cfg_scale=2.0, method='heun')
-  np.testing.assert_allclose(images, np.asarray(ref(params, *args, 5)), atol=1e-4)
-  summary = rs.summarize(counts, e, rs.moe_layer_names(mcfg), ts)
-  assert np.isclose(sum(summary['histogram']), 1.0)
-  assert np.isclose(summary['mean'], e * cap / s)          # mean experts per token = E·C/S exactly
-  layer = summary['layers']['block_1']
+  np.testing.assert_array_equal(images, np.asarray(ref(params, *args, 5)))
+  np.testing.assert_array_equal(states[0], np.asarray(sampler_lib.initial_noise(5, 2, (16, 16, 3))))
+  # counts are the first model call's of each step: at x_t = states[k], t = ts[k], the conditional text
+  fn = collect.routing_fn(model)
+  for k in range(3):
+    _, want = fn(params, jnp.asarray(states[k]), jnp.full((2,), ts[k]), args[0], args[1])
+    np.testing.assert_array_equal(counts[k], np.asarray(want))
+  res = summary.summarize(counts, e, collect.moe_layer_names(mcfg), ts)
+  assert np.isclose(sum(res['histogram']), 1.0)
+  assert np.isclose(res['mean'], e * cap / s)          # mean experts per token = E·C/S exactly
+  layer = res['layers']['block_1']
   assert len(layer['zero_fraction_per_t']) == 3 and len(layer['histogram']) == e + 1
   assert np.isclose(layer['zero_fraction'], np.mean(counts[:, 1] == 0))
 
@@ -74,9 +82,9 @@ def test_group_totals_for_group_and_batch_scopes():
   counts = np.arange(2 * 8).reshape(1, 2, 8)        # [layers=1, B=2, S=8]
   class C:
     routing_scope, group_size = 'group', 4
-  np.testing.assert_array_equal(rs.group_totals(counts, C), [[0 + 1 + 2 + 3, 22, 38, 54]])
+  np.testing.assert_array_equal(summary.group_totals(counts, C), [[0 + 1 + 2 + 3, 22, 38, 54]])
   C.routing_scope = 'batch'
-  np.testing.assert_array_equal(rs.group_totals(counts, C), [[120]])
+  np.testing.assert_array_equal(summary.group_totals(counts, C), [[120]])
 
 
 def test_token_fraction_and_fg_bg_exact_on_hand_made_mask():
@@ -84,68 +92,69 @@ def test_token_fraction_and_fg_bg_exact_on_hand_made_mask():
   mask[0:4, 0:4] = True      # token 0 full
   mask[0:2, 4:8] = True      # token 1 half
   mask[4, 4] = True          # token 3: one pixel of 16
-  frac = rs.token_fraction(mask, 4)
+  frac = scenes.token_fraction(mask, 4)
   np.testing.assert_allclose(frac, [1.0, 0.5, 0.0, 1 / 16])
-  fg, bg = rs.fg_bg_tokens(frac, 0.5)
+  fg, bg = scenes.fg_bg_tokens(frac, 0.5)
   np.testing.assert_array_equal(fg, [True, True, False, False])
   np.testing.assert_array_equal(bg, [False, False, True, False])
   counts = np.array([[3, 1, 1, 4], [2, 2, 0, 0]])     # two steps; token 3 is an edge token, ignored
-  r = rs.foreground_background(counts, fg, bg)
+  r = summary.foreground_background(counts, fg, bg)
   assert r['fg_mean'] == pytest.approx((3 + 1 + 2 + 2) / 4) and r['bg_mean'] == pytest.approx(0.5)
   assert r['ratio'] == pytest.approx(4.0) and (r['fg_tokens'], r['bg_tokens']) == (4, 2)
-  none = rs.foreground_background(counts, np.zeros(4, bool), bg)
+  none = summary.foreground_background(counts, np.zeros(4, bool), bg)
   assert none['fg_mean'] is None and none['ratio'] is None
   # [N, H, W] object masks are merged
-  np.testing.assert_allclose(rs.token_fraction(np.stack([mask, ~mask]), 4), 1.0)
+  np.testing.assert_allclose(scenes.token_fraction(np.stack([mask, ~mask]), 4), 1.0)
   with pytest.raises(ValueError, match='patch size'):
-    rs.token_fraction(np.zeros((6, 6), bool), 4)
+    scenes.token_fraction(np.zeros((6, 6), bool), 4)
+  # scenes are noised with the training interpolation: x_t = t·ε + (1 − t)·x0
   x0, eps = np.ones((2, 2, 2, 3), np.float32), np.zeros((2, 2, 2, 3), np.float32)
-  np.testing.assert_allclose(rs.noised(x0, eps, [1.0, 0.25])[:, 0, 0, 0], [0.0, 0.75])
+  np.testing.assert_allclose(flow.interpolate(x0, eps, np.array([1.0, 0.25]))[:, 0, 0, 0], [0.0, 0.75])
 
 
 def test_textual_importance_zero_for_padding_nonnegative_otherwise(tiny):
   mcfg, model, params = tiny
-  fn = rs.routing_fn(model)
+  fn = collect.routing_fn(model)
   ids, mask = Tokens(mcfg.text_length).encode_batch(['a red circle'])
   ids, mask = ids[0], mask[0]
   n_real = int(mask.sum())
   states = np.asarray(jax.random.normal(jax.random.key(2), (2, 16, 16, 3)))
   ts = np.array([0.9, 0.4], np.float32)
   positions = [0, 1, 4, n_real, mcfg.text_length - 1]            # 3 real characters, 2 padding slots
-  variants = [rs.drop_token(ids, mask, j) for j in positions]
+  variants = [textual.drop_token(ids, mask, j) for j in positions]
   assert (variants[3][0] == ids).all() and (variants[3][1] == mask).all()
-  res = rs.textual_importance(fn, params, states, ts, ids, mask, variants)
+  res = textual.textual_importance(fn, params, states, ts, ids, mask, variants)
   assert len(res) == 5 and all(len(r['l1_per_layer']) == 2 for r in res)
   for r in res[3:]:
     assert r['l1'] == 0.0 and r['changed_fraction'] == 0.0
   for r in res[:3]:
     assert r['l1'] >= 0.0 and 0.0 <= r['changed_fraction'] <= 1.0
   assert max(r['l1'] for r in res[:3]) > 0.0, 'dropping a real token never moved routing'
-  assert rs.routing_change(np.array([1, 2]), np.array([1, 0])) == {'l1': 1.0, 'changed_fraction': 0.5}
-  assert rs.drop_word('a red circle', 1) == 'a circle'
+  assert summary.routing_change(np.array([1, 2]), np.array([1, 0])) == {'l1': 1.0, 'changed_fraction': 0.5}
+  assert textual.drop_word('a red circle', 1) == 'a circle'
 
 
 def test_record_from_prompt_matches_shapes_captions():
   for i in range(60):
     meta = shapes.split_example(3, 'train', i).metadata
-    rec = rs.record_from_prompt(meta['prompt'])
+    rec = scenes.record_from_prompt(meta['prompt'])
     assert rec is not None, meta['prompt']
     assert rec['tag'] == meta['tag'] and rec['include'] == meta['include'], (meta, rec)
-  assert rs.record_from_prompt('two green triangles')['include'] == [
+  assert scenes.record_from_prompt('two green triangles')['include'] == [
       {'class': 'triangle', 'count': 2, 'color': 'green'}]
-  assert rs.record_from_prompt('a photo of a cat') is None
-  assert rs.record_from_prompt('a pink circle') is None
+  assert scenes.record_from_prompt('a photo of a cat') is None
+  assert scenes.record_from_prompt('a pink circle') is None
 
 
 def test_heatmap_png(tmp_path):
   from PIL import Image
   maps = np.random.default_rng(0).integers(0, 5, (2, 3, 4, 4))
   img = np.zeros((16, 16, 3), np.uint8)
-  p = rs.heatmap_png(tmp_path / 'h.png', img, maps, num_experts=4, row_labels=['a', 'b'],
-                     col_labels=['1', '2', '3'], cell=32)
+  p = heatmap.heatmap_png(tmp_path / 'h.png', img, maps, num_experts=4, row_labels=['a', 'b'],
+                          col_labels=['1', '2', '3'], cell=32)
   w, h = Image.open(p).size
   assert w >= 64 + 4 * 34 and h >= 30 + 2 * 34
-  np.testing.assert_array_equal(rs.colorize(np.array([0, 4]), 4), [[68, 1, 84], [253, 231, 37]])
+  np.testing.assert_array_equal(heatmap.colorize(np.array([0, 4]), 4), [[68, 1, 84], [253, 231, 37]])
 
 
 def test_dense_model_is_refused():
@@ -154,7 +163,7 @@ def test_dense_model_is_refused():
   cfg = tiny_config()
   cfg.model.routing = 'dense'
   with pytest.raises(ValueError, match='no MoE layers'):
-    rs.routing_fn(build_model(config_lib.validate(cfg)))
+    collect.routing_fn(build_model(config_lib.validate(cfg)))
 
 
 # ---------------------------------------------------------------------------------------------- CLI

@@ -74,6 +74,39 @@ def test_suite_smoke(tmp_path):
     assert any('jax_over_torch_train[dense]' in line for line in lines)
 
 
+def test_bench_cases_are_the_training_set_up():
+  """A bench case is `loop.build`'s step on training's initial state: its weights are `init_params(model, 0)`
+  (what a seed-0 run starts from) and its first step's loss is the training step's on the same batch."""
+  import flax.linen as nn
+  import jax
+  import numpy as np
+
+  from ecdit.models.ecdit import build_model, init_params
+  from ecdit.train import loop
+  cfg = suite.bench_config(image_size=8, width=32, depth=2, num_heads=2, num_experts=4, text_length=4,
+                           text_states_dim=16)
+  setup = suite.train_setup(cfg, 2)
+  state = setup.init_state()
+  _, params = suite.initial_params(cfg)
+  want = nn.unbox(init_params(build_model(cfg), 0))
+  for a, b, c in zip(jax.tree.leaves(state.params), jax.tree.leaves(params), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(b, c, rtol=1e-6, atol=1e-9)   # the same key; jit vs eager rounding only
+  ref = loop.build(suite.train_config(2), cfg, devices=jax.devices()[:1], strict=True)
+  _, m = ref.train_step(ref.init_state(), suite.random_batch(cfg, 2))
+  case = suite.build_case('t', cfg, 2, with_infer=False)
+  assert float(case.train()) == float(m['loss'])
+
+
+def test_time_interleaved_takes_turns_and_reports_medians():
+  from ecdit.bench import timing
+  calls = []
+  ms = timing.time_interleaved({'a': lambda x: calls.append(('a', x)) or x, 'b': lambda x: calls.append(('b', x)) or x},
+                               (1,), warmup=2, reps=3)
+  assert set(ms) == {'a', 'b'} and all(v >= 0 for v in ms.values())
+  assert calls == [('a', 1)] * 2 + [('b', 1)] * 2 + [('a', 1), ('b', 1)] * 3   # warm-ups, then turns
+
+
 def test_profile_summary_on_hand_made_trace():
   from ecdit.bench import profile
   hlo = ('%ynn_fusion.3 = f32[8,16] fusion(%a), metadata={op_name="jit(train_step)/jvp(ECDiT)/block_3/ffn/wi/dot_general"}\n'
@@ -112,13 +145,13 @@ def test_torch_calibration_step_is_the_jax_model_and_updates():
   cfg = suite.bench_config(image_size=8, width=32, depth=2, num_heads=2, num_experts=4, text_length=4,
                            text_states_dim=16)
   model, params = suite.initial_params(cfg)
-  batch = suite._batch(cfg, 2)   # pylint: disable=protected-access
-  step = torch_calibration.TrainStep(cfg, params, batch, suite._train_cfg(2))  # pylint: disable=protected-access
+  batch = suite.random_batch(cfg, 2)
+  step = torch_calibration.TrainStep(cfg, params, batch, suite.train_config(2))
   t = np.array([0.3, 0.8], np.float32)
-  want = model.apply({'params': params}, batch['image'], jnp.asarray(t), batch['text_states'], batch['text_mask'])
+  want = model.apply({'params': params}, batch['x0'], jnp.asarray(t), batch['text'], batch['text_mask'])
   with torch.no_grad():
-    got = step.model(torch.from_numpy(np.array(batch['image'])), torch.from_numpy(t),
-                     torch.from_numpy(np.array(batch['text_states'])), torch.from_numpy(np.array(batch['text_mask'])))
+    got = step.model(torch.from_numpy(np.array(batch['x0'])), torch.from_numpy(t),
+                     torch.from_numpy(np.array(batch['text'])), torch.from_numpy(np.array(batch['text_mask'])))
   np.testing.assert_allclose(got.numpy(), np.asarray(want), atol=1e-5)
   before = [p.detach().clone() for p in step.model.parameters()]
   loss = step()

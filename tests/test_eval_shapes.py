@@ -150,6 +150,26 @@ def test_wrong_renders_fail_their_tag(tag):
     assert any(needle in w for w in why), why
 
 
+def test_record_scenes_follow_the_dataset_placement(monkeypatch):
+  """scene_from_record places by the dataset's own rules: widening shapes.GAP / MARGIN widens its scenes."""
+  monkeypatch.setattr(shapes, 'GAP', 0.3)
+  monkeypatch.setattr(shapes, 'MARGIN', 0.1)
+  rec = {'tag': 'position', 'prompt': 'a square to the left of a circle',
+         'include': [{'class': 'circle', 'count': 1}, {'class': 'square', 'count': 1, 'position': ['left of', 0]}]}
+  two = {'tag': 'two_object', 'prompt': 'a circle and a square',
+         'include': [{'class': 'circle', 'count': 1}, {'class': 'square', 'count': 1}]}
+  for i in range(20):
+    for r in (rec, two):
+      a, b = shapes_eval.scene_from_record(r, np.random.default_rng(i), 32).objects
+      gap = max(abs(a.cx - b.cx), abs(a.cy - b.cy)) - a.size - b.size
+      assert gap >= 0.3 - 1e-12, (r['prompt'], a, b)
+      for o in (a, b):
+        assert min(o.cx, o.cy, 1 - o.cx, 1 - o.cy) - o.size >= 0.1 - 1e-12, o
+    sq, ci = sorted(shapes_eval.scene_from_record(rec, np.random.default_rng(i), 32).objects,
+                    key=lambda o: o.cls != 'square')
+    assert ci.cx - sq.cx >= sq.size + ci.size + 0.3 - 1e-12
+
+
 def test_counting_is_exact_and_extra_objects_fail():
   rec = {'tag': 'counting', 'prompt': 'two circles', 'include': [{'class': 'circle', 'count': 2}]}
   ok, why = geneval_rules.evaluate(_detect_scene(_extra(rec, np.random.default_rng(0)), 32), rec)

@@ -98,6 +98,45 @@ def test_sampler_reaches_target_and_is_deterministic(method):
   np.testing.assert_allclose(x2[1], 1.0, atol=1e-4)  # 1.0 after clipping to [-1, 1]
 
 
+@pytest.mark.parametrize('method', ['euler', 'heun'])
+def test_integrate_records_each_steps_start_state_and_first_call_aux(method):
+  """v = x (exponential paths): Euler multiplies x by 1 + dt per step, Heun by 1 + dt + dt²/2 (its last
+  step by 1 + dt); aux is what the first model call of each step returned (here its t, per model row)."""
+  n, dt = 4, -0.25
+  noise = jnp.arange(1.0, 7.0).reshape(2, 3)
+  ids, mask = jnp.ones((2, 1), jnp.int32), jnp.ones((2, 1), bool)
+  null_ids, null_mask = jnp.zeros((1, 1), jnp.int32), jnp.zeros((1, 1), bool)
+  kw = dict(num_steps=n, cfg_scale=2.0, method=method)
+  x, (states, aux) = sampler.integrate(lambda p, xx, t, i, m: (xx, t), None, noise, ids, mask, null_ids,
+                                       null_mask, has_aux=True, **kw)
+  g = 1 + dt if method == 'euler' else 1 + dt + dt * dt / 2
+  np.testing.assert_allclose(states, np.stack([np.asarray(noise) * g ** k for k in range(n)]), rtol=1e-6)
+  np.testing.assert_allclose(x, np.asarray(noise) * g ** (n - 1) * (1 + dt), rtol=1e-6)
+  np.testing.assert_allclose(aux, np.repeat([[1.0], [0.75], [0.5], [0.25]], 4, 1))   # guided: 2B rows
+  plain = sampler.integrate(lambda p, xx, t, i, m: xx, None, noise, ids, mask, null_ids, null_mask, **kw)
+  np.testing.assert_array_equal(x, plain)
+
+
+def test_settings_and_sampler_for_run():
+  import types
+  sample_cfg = types.SimpleNamespace(num_steps=4, cfg_scale=2.0, sampler='heun')
+  assert sampler.settings(sample_cfg) == (4, 2.0, 'heun')
+  assert sampler.settings(sample_cfg, num_steps=2, cfg_scale=0.0, method='euler') == (2, 0.0, 'euler')
+  model = _Linear()
+  model.config = types.SimpleNamespace(image_size=4, in_channels=3)
+
+  class Tok:
+    def encode_batch(self, texts):
+      return (np.array([[len(t), 0] for t in texts], np.int32), np.array([[bool(t), False] for t in texts]))
+  run = types.SimpleNamespace(model=model, params=jnp.float32(0), tokenizer=Tok(), decode=None,
+                              cfg=types.SimpleNamespace(sample=sample_cfg))
+  images = sampler.sampler_for_run(run, cfg_scale=1.0)(['abc', 'abcde'], 7)
+  # straight paths to x0 = len(prompt) / 10: 0.3 → uint8 round(1.3·127.5) = 166, 0.5 → 191
+  assert images.dtype == np.uint8 and images.shape == (2, 4, 4, 3)
+  np.testing.assert_array_equal(images[0], 166)
+  np.testing.assert_array_equal(images[1], 191)
+
+
 def test_grid_and_png(tmp_path):
   imgs = np.zeros((5, 4, 4, 3), np.uint8)
   imgs[1] = 255

@@ -14,6 +14,11 @@ import json
 import tempfile
 import time
 
+import jax
+
+from ecdit.config import data as config_lib
+from ecdit.data import pipeline, prepare, shapes_builder
+
 
 def _rate(fn, count: int) -> float:
   start = time.perf_counter()
@@ -29,10 +34,6 @@ def run(argv=None) -> dict:
   parser.add_argument('--image_size', type=int, default=32)
   args = parser.parse_args(argv)
 
-  import jax   # pylint: disable=import-outside-toplevel
-  from ecdit.config import data as config_lib
-  from ecdit.data import pipeline, prepare, tokenizer   # pylint: disable=import-outside-toplevel
-  from ecdit.data import shapes_builder   # pylint: disable=import-outside-toplevel
 
   results = {'device_count': jax.device_count(), 'image_size': args.image_size}
   n = args.num_examples
@@ -45,18 +46,19 @@ def run(argv=None) -> dict:
     cfg.num_train_examples, cfg.num_validation_examples, cfg.num_eval_prompts = n, 0, 0
     results['prepare_examples_per_s'] = _rate(lambda: prepare.prepare(cfg, verbose=False), n)
     results['prepare_50k_estimate_s'] = 50_000 / results['prepare_examples_per_s']
-    tok = tokenizer.load_or_train_tokenizer(cfg)
+    tok = prepare.load_or_train_tokenizer(cfg)
 
     mesh = jax.make_mesh((jax.device_count(),), ('data',))
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
     for name, shard in (('host_numpy', None), ('global_jax_array', sharding)):
-      it = pipeline.make_train_iterator(cfg, global_batch_size=args.batch_size, sharding=shard, tokenizer=tok)
+      it = pipeline.make_train_iterator(cfg, global_batch_size=args.batch_size, sharding=shard, tokenizer=tok,
+                                        seed=0)
       next(it)   # start-up (open files, first prefetch)
 
       def consume(it=it):
         for _ in range(args.num_batches):
           batch = next(it)
-        jax.block_until_ready(batch['image'])
+        jax.block_until_ready(batch['x0'])
       results[f'pipeline_batches_per_s_{name}'] = _rate(consume, args.num_batches)
   results['batch_size'] = args.batch_size
   results['num_examples_measured'] = n

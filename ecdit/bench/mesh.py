@@ -9,11 +9,12 @@ device, and the collectives of the compiled step (counted in its HLO; async pair
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
-import statistics
 import sys
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -25,6 +26,10 @@ if (not xla_bridge.backends_are_initialized()
   os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                              f' --xla_force_host_platform_device_count={DEVICES}').strip()
 
+from ecdit.bench.timing import time_interleaved  # noqa: E402  (after the device count)
+from ecdit.parallel import batch_sharding  # noqa: E402
+from ecdit.train import loop  # noqa: E402
+
 COLLECTIVES = ('all-to-all', 'all-gather', 'all-reduce', 'reduce-scatter', 'collective-permute')
 
 
@@ -33,8 +38,6 @@ def count_collectives(hlo: str) -> dict[str, int]:
 
 
 def _config(experiment: str, mesh: tuple[int, ...]):
-  import importlib.util
-  from pathlib import Path
   name, _, variant = experiment.partition(':')
   path = Path(__file__).resolve().parents[2] / 'experiments' / f'{name}.py'
   spec = importlib.util.spec_from_file_location(f'bench_exp_{name}', path)
@@ -49,16 +52,14 @@ def _config(experiment: str, mesh: tuple[int, ...]):
 def _batch(cfg, sharding):
   r = np.random.RandomState(0)
   b, s, length = cfg.train.batch_size, cfg.data.image_size, cfg.data.text_length
-  host = dict(image=r.uniform(-1, 1, (b, s, s, 3)).astype(np.float32),
-              text_ids=r.randint(1, cfg.data.vocab_size, (b, length)).astype(np.int32),
+  host = dict(x0=r.uniform(-1, 1, (b, s, s, 3)).astype(np.float32),   # the batch contract's step arrays
+              text=r.randint(1, cfg.data.vocab_size, (b, length)).astype(np.int32),
               text_mask=np.arange(length)[None, :] < r.randint(2, length, (b, 1)))
   return jax.device_put(host, sharding)
 
 
 def run(experiment: str = 'shapes_tiny', meshes=((1, 1, 1, 1), (2, 1, 4, 1), (1, 2, 2, 2)), reps: int = 5,
         steps_per_rep: int = 3) -> list[dict]:
-  from ecdit.parallel import batch_sharding
-  from ecdit.train import loop
   cases = []
   for shape in meshes:
     cfg = _config(experiment, shape)
@@ -74,22 +75,25 @@ def run(experiment: str = 'shapes_tiny', meshes=((1, 1, 1, 1), (2, 1, 4, 1), (1,
       state, m = compiled(state, batch)
     jax.block_until_ready(m['loss'])
     cases.append(dict(mesh=shape, devices=n, compiled=compiled, state=state, batch=batch, compile_s=compile_s,
-                      collectives=count_collectives(compiled.as_text()), ms=[]))
-  for _ in range(reps):
-    for c in cases:
-      t0 = time.perf_counter()
+                      collectives=count_collectives(compiled.as_text())))
+
+  def steps(c):
+    def fn():
       for _ in range(steps_per_rep):
         c['state'], m = c['compiled'](c['state'], c['batch'])
-      jax.block_until_ready(m['loss'])
-      c['ms'].append(1000 * (time.perf_counter() - t0) / steps_per_rep)
-  base = statistics.median(cases[0]['ms'])
+      return m['loss']
+    return fn
+  per_call = time_interleaved({i: steps(c) for i, c in enumerate(cases)}, (), 0, reps)
+  for i, c in enumerate(cases):
+    c['ms'] = per_call[i] / steps_per_rep
+  base = cases[0]['ms']
   print(f'{experiment}: one train step, batch {cfg.train.batch_size}; {os.cpu_count()} CPU cores shared by '
         f'all simulated devices (overhead, not speed-up)')
   print(f'{"mesh (data,fsdp,expert,model)":>30} {"devices":>7} {"compile s":>9} {"ms/step":>8} {"ratio":>6}  '
         'collectives per step')
   rows = []
   for c in cases:
-    ms = statistics.median(c['ms'])
+    ms = c['ms']
     coll = ', '.join(f'{k} {v}' for k, v in c['collectives'].items() if v)
     print(f'{str(c["mesh"]):>30} {c["devices"]:>7} {c["compile_s"]:>9.1f} {ms:>8.1f} {ms / base:>6.2f}  {coll or "-"}')
     rows.append(dict(mesh=c['mesh'], devices=c['devices'], compile_s=c['compile_s'], ms=ms, ratio=ms / base,

@@ -8,7 +8,7 @@
    gradient `dH·Wᵀ` and weight gradient `Xᵀ·dH`, each as GFLOP/s. Fewer rows per expert (more experts at a
    fixed f_c) makes all three slower on XLA:CPU, the weight gradient most.
 
-All cases take turns within each rep (`routing._time_interleaved`); medians in ms. docs/performance.md reads it.
+All cases take turns within each rep (`ecdit.bench.timing`); medians in ms. docs/performance.md reads it.
 """
 from __future__ import annotations
 
@@ -17,25 +17,29 @@ import jax.numpy as jnp
 import optax
 
 from ecdit.bench import suite
-from ecdit.bench.routing import _time_interleaved
+from ecdit.bench.timing import time_interleaved
+from ecdit.train import update
 
 
 def _update_fn(cfg):
-  """A no-argument function running one fused AdamW + EMA update in place on `cfg`'s parameters."""
-  from ecdit.train import update  # pylint: disable=import-outside-toplevel
-  _, tcfg, _, lr, params, st = suite.init_train_state(cfg, batch=8)
-  grads = jax.tree.map(lambda p: jnp.full_like(p, 1e-3), params)
+  """A no-argument function running one fused AdamW + EMA update in place on `cfg`'s parameters (the
+  training set-up's optimizer state, `suite.train_setup`)."""
+  setup = suite.train_setup(cfg, batch=8)
+  st = setup.init_state()
+  grads = jax.tree.map(lambda p: jnp.full_like(p, 1e-3), st.params)
+  count = sum(p.size for p in jax.tree.leaves(st.params))
 
   def step(p, opt, ema, g):
     norm = optax.global_norm(g)
-    return update.fused_adamw_ema(tcfg.train, lr, g, norm, jnp.isfinite(norm), p, opt, ema, 0.999)
+    return update.fused_adamw_ema(setup.cfg.train, setup.lr_schedule, g, norm, jnp.isfinite(norm), p, opt, ema,
+                                  0.999)
   jitted = jax.jit(step, donate_argnums=(0, 1, 2))
   holder = {'s': (st.params, st.opt_state, st.ema_params)}
 
   def fn():
     holder['s'] = jitted(*holder['s'], grads)
     return holder['s'][0]
-  return fn, sum(p.size for p in jax.tree.leaves(params))
+  return fn, count
 
 
 def _matmul_fns(experts: int, rows: int, d: int, h: int):
@@ -61,7 +65,7 @@ def run(experts=(8, 64), batch: int = 8, reps: int = 5, warmup: int = 1, model_o
   dense_fn, out['params']['dense'] = _update_fn(suite.bench_config(**{**over, 'routing': 'dense'}))
   for e in experts:
     fn, out['params'][f'ec_e{e}'] = _update_fn(suite.bench_config(**{**over, 'num_experts': e}))
-    ms = _time_interleaved({'dense': dense_fn, f'ec_e{e}': fn}, (), warmup, reps)
+    ms = time_interleaved({'dense': dense_fn, f'ec_e{e}': fn}, (), warmup, reps)
     out['update_ms'].update(ms)
     del fn
   log('update alone (fused AdamW + EMA, in place):')
@@ -73,7 +77,7 @@ def run(experts=(8, 64), batch: int = 8, reps: int = 5, warmup: int = 1, model_o
   for e in experts:
     rows = batch * 2 * tokens // e
     fns = _matmul_fns(e, rows, d, h)
-    ms = _time_interleaved(fns, (), warmup, reps)
+    ms = time_interleaved(fns, (), warmup, reps)
     flops = 2.0 * e * rows * d * h
     for name, t in ms.items():
       key = f'E={e} {name}'

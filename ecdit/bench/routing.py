@@ -8,7 +8,7 @@ indices.
 
 Reported per row:
   - time: median wall time of the compiled step over `reps` runs after `warmup` runs (compile excluded),
-    the backends taking turns within each rep;
+    the backends taking turns within each rep (ecdit.bench.timing);
   - temp: `compiled.memory_analysis().temp_size_in_bytes`, the scratch buffers XLA allocates for the whole
     step (activations kept for the backward pass, intermediates, gradients before they are returned) —
     excluding the arguments (params, x) and outputs, which are the same for both backends. It is XLA's
@@ -18,15 +18,14 @@ Ratios are onehot / gather from the same run, the number to trust on a noisy sha
 from __future__ import annotations
 
 import dataclasses
-import statistics
-import time
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 
-from ecdit.layers import moe
+from ecdit.bench.timing import time_interleaved
 from ecdit.config.model import ModelConfig
+from ecdit.layers import moe
 
 IMAGE_TOKENS = 256  # a 32×32 latent with 2×2 patches; groups of S > 256 span S/256 images
 
@@ -45,21 +44,6 @@ def _config(experts: int, group: int, backend: str, width: int) -> ModelConfig:
   scope = dict(routing_scope='image') if group == IMAGE_TOKENS else dict(routing_scope='group', group_size=group)
   return ModelConfig(width=width, num_heads=width // 64, mlp_ratio=4, num_experts=experts, capacity_factor=2.0,
                      moe_backend=backend, **scope).validate()
-
-
-def _time_interleaved(fns: dict, args, warmup: int, reps: int) -> dict:
-  """Median milliseconds per compiled fn. The fns take turns within each rep, so load from other processes on
-  a shared machine hits them alike and their ratio stays meaningful."""
-  for fn in fns.values():
-    for _ in range(warmup):
-      jax.block_until_ready(fn(*args))
-  times = {name: [] for name in fns}
-  for _ in range(reps):
-    for name, fn in fns.items():
-      start = time.perf_counter()
-      jax.block_until_ready(fn(*args))
-      times[name].append(time.perf_counter() - start)
-  return {name: statistics.median(t) * 1e3 for name, t in times.items()}
 
 
 def measure(experts: int, group: int, tokens: int, width: int, warmup: int, reps: int,
@@ -83,7 +67,7 @@ def measure(experts: int, group: int, tokens: int, width: int, warmup: int, reps
     stats = compiled.memory_analysis()
     temp[backend] = stats.temp_size_in_bytes / 2**20 if stats is not None else float('nan')
     compiled_fns[backend] = compiled
-  ms = _time_interleaved(compiled_fns, (params, x, cotangent), warmup, reps)
+  ms = time_interleaved(compiled_fns, (params, x, cotangent), warmup, reps)
   cfg = _config(experts, group, 'gather', width)
   return Row(experts, group, tokens // group, cfg.capacity_for(group, True), ms, temp)
 

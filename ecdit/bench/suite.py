@@ -1,14 +1,15 @@
 """`ecdit bench suite --suite=quick|full [--json=FILE]`: where the time goes, in one process, in one run.
 
 Every figure is a median over `reps` timed runs after `warmup` untimed runs of an already compiled function
-(compile excluded); functions that are compared take turns within each rep (`routing._time_interleaved`), so
+(compile excluded); functions that are compared take turns within each rep (`ecdit.bench.timing`), so
 load from other processes hits both sides alike and their ratio stays meaningful on a shared machine.
 
-Train steps are the real one: `ecdit.train.step.make_train_step` (flow loss, value_and_grad, AdamW with
-global-norm clipping, EMA, the NaN guard), jitted on one device with the state donated — what
-`jit_train_step` compiles on a 1-device mesh, without the sharding annotations. Inference is one forward
-`model.apply(..., train=False)`. Inputs are random; text is precomputed states (`text_encoder='precomputed'`,
-32 × 256, as from a frozen encoder), so the backbone is what is measured.
+Train steps are the training code's own: `ecdit.train.loop.build` on a 1-device mesh (flow loss,
+value_and_grad, AdamW with global-norm clipping, EMA, the NaN guard; the state donated), initialised as
+training initialises it (`Setup.init_state`: `init_params(model, seed)`, seed 0). Inference is one forward
+`model.apply(..., train=False)`. Inputs are random batches of the batch contract (`ecdit.data.batch`);
+text is precomputed states (`text_encoder='precomputed'`, 32 × 256, as from a frozen encoder), so the
+backbone is what is measured.
 
 Keys (see docs/performance.md):
   peak_gflops           jitted float32 2048×2048 @ 2048×2048 matmul, 2·2048³ FLOPs / median time, timed in
@@ -36,20 +37,23 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import statistics
 import time
 from typing import Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
+from ecdit import parallel
 from ecdit.bench import flops as flops_lib
 from ecdit.bench import routing as routing_bench
-from ecdit.bench.routing import _time_interleaved
+from ecdit.bench import torch_calibration
+from ecdit.bench.timing import time_interleaved
+from ecdit.config.experiment import base_config
 from ecdit.config.model import ModelConfig
+from ecdit.models.ecdit import abstract_params, build_model, init_params
+from ecdit.train import loop
 
 BENCH_MODEL = dict(image_size=32, in_channels=4, patch_size=2, width=384, depth=12, num_heads=6, mlp_ratio=4,
                    routing='expert_choice', num_experts=8, capacity_factor=2.0, routing_scope='image',
@@ -69,12 +73,17 @@ def bench_config(**overrides) -> ModelConfig:
 
 # ---- the compiled functions -----------------------------------------------------------------------------
 
-def _train_cfg(batch: int):
-  from ecdit.config.experiment import base_config
+def train_config(batch: int):
+  """The experiment config of the bench's train steps: the defaults, `batch` images, no token masking."""
   c = base_config()
   c.train.batch_size = batch
   c.diffusion.mask_ratio = 0.0
   return c
+
+
+def train_setup(cfg: ModelConfig, batch: int) -> loop.Setup:
+  """The training code's set-up (`loop.build`) of model `cfg` for `batch` images on a 1-device mesh."""
+  return loop.build(train_config(batch), cfg, devices=jax.devices()[:1], strict=True)
 
 
 @dataclasses.dataclass
@@ -88,72 +97,63 @@ class Case:
   hlo_text: str = ''                 # the compiled train step's HLO (for `ecdit bench profile`)
 
 
-def _batch(cfg: ModelConfig, batch: int) -> dict:
+def random_batch(cfg: ModelConfig, batch: int) -> dict:
+  """Random step arrays of the batch contract (x0, text states, text_mask), fixed by seed 0."""
   r = np.random.RandomState(0)
   L = cfg.text_length
-  return dict(image=jnp.asarray(r.normal(size=(batch, cfg.image_size, cfg.image_size, cfg.in_channels)),
-                                jnp.float32),
-              text_states=jnp.asarray(r.normal(size=(batch, L, cfg.text_states_dim)), jnp.float32),
+  return dict(x0=jnp.asarray(r.normal(size=(batch, cfg.image_size, cfg.image_size, cfg.in_channels)),
+                             jnp.float32),
+              text=jnp.asarray(r.normal(size=(batch, L, cfg.text_states_dim)), jnp.float32),
               text_mask=jnp.asarray(np.arange(L)[None, :] < r.randint(L // 2, L + 1, (batch, 1))))
 
 
 def _param_count(cfg: ModelConfig) -> int:
-  from ecdit.models.ecdit import abstract_params, build_model
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(nn.unbox(abstract_params(build_model(cfg))))))
 
 
 def initial_params(cfg: ModelConfig):
-  """`(model, params)` of `cfg`, initialised from seed 0 (unboxed)."""
-  from ecdit.models.ecdit import build_model, init_params
+  """`(model, params)` of `cfg` as training initialises them from seed 0 (unboxed)."""
   model = build_model(cfg)
-  return model, nn.unbox(jax.jit(lambda k: init_params(model, k))(jax.random.key(0)))
-
-
-def init_train_state(cfg: ModelConfig, batch: int):
-  """`(model, train config, optimizer, lr schedule, params, train state)` of `cfg`, initialised from seed 0."""
-  from ecdit.train import optim
-  from ecdit.train import state as state_lib
-  tcfg = _train_cfg(batch)
-  model, params = initial_params(cfg)
-  tx, lr = optim.make_optimizer(tcfg.train), optim.schedule(tcfg.train)
-  return model, tcfg, tx, lr, params, state_lib.create(params, tx, seed=0)
+  return model, nn.unbox(jax.jit(lambda: init_params(model, 0))())
 
 
 def torch_train_step(cfg: ModelConfig, batch: int) -> Callable[[], float]:
   """The PyTorch calibration step of `cfg` (ecdit.bench.torch_calibration) on the suite's batch and weights."""
-  from ecdit.bench import torch_calibration
   _, params = initial_params(cfg)
-  return torch_calibration.TrainStep(cfg, params, _batch(cfg, batch), _train_cfg(batch))
+  return torch_calibration.TrainStep(cfg, params, random_batch(cfg, batch), train_config(batch))
+
+
+def _xla_flops(compiled) -> float:
+  try:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost.get('flops', float('nan')))
+  except Exception:  # pylint: disable=broad-except  (cost analysis is optional and backend-dependent)
+    return float('nan')
 
 
 def build_case(name: str, cfg: ModelConfig, batch: int, with_infer: bool = True) -> Case:
   """Compiles the train step and the forward of `cfg` for `batch` images."""
-  from ecdit.train.step import make_train_step
-  model, tcfg, tx, lr, params, state = init_train_state(cfg, batch)
-  data = _batch(cfg, batch)
+  setup = train_setup(cfg, batch)
+  state = setup.init_state()
+  data = jax.device_put(random_batch(cfg, batch), parallel.batch_sharding(setup.mesh))
   t0 = time.perf_counter()
-  step = jax.jit(make_train_step(model, tx, lr, tcfg, cfg.patch_size), donate_argnums=(0,))
-  compiled = step.lower(state, data).compile()
+  compiled = setup.train_step.lower(state, data).compile()
   t = jnp.full((batch,), 0.5, jnp.float32)
+  model = setup.model
   fwd = jax.jit(lambda p, x, tt, s, m: model.apply({'params': p}, x, tt, s, m, train=False))
-  fwd_c = fwd.lower(params, data['image'], t, data['text_states'], data['text_mask']).compile() if with_infer else None
+  infer_params = jax.tree.map(jnp.copy, state.params) if with_infer else None   # the state is donated
+  fwd_c = fwd.lower(infer_params, data['x0'], t, data['text'], data['text_mask']).compile() if with_infer else None
   compile_s = time.perf_counter() - t0
-  try:
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    xla_flops = float(cost.get('flops', float('nan')))
-  except Exception:  # pylint: disable=broad-except  (cost analysis is optional and backend-dependent)
-    xla_flops = float('nan')
   holder = {'state': state}
-  infer_params = jax.tree.map(jnp.copy, params) if with_infer else None
 
   def train_fn():
     holder['state'], metrics = compiled(holder['state'], data)
     return metrics['loss']
 
   def infer_fn():
-    return fwd_c(infer_params, data['image'], t, data['text_states'], data['text_mask'])
-  return Case(name, cfg, train_fn, infer_fn, compile_s, xla_flops, compiled.as_text())
+    return fwd_c(infer_params, data['x0'], t, data['text'], data['text_mask'])
+  return Case(name, cfg, train_fn, infer_fn, compile_s, _xla_flops(compiled), compiled.as_text())
 
 
 # ---- the measurements -----------------------------------------------------------------------------------
@@ -174,7 +174,7 @@ def peak_matmul(n: int = 2048, calls: int = PEAK_CALLS) -> tuple[Callable[[], ja
 
 def peak_gflops(n: int = 2048, warmup: int = 2, reps: int = 5) -> float:
   fn, flops = peak_matmul(n)
-  ms = _time_interleaved({'mm': fn}, (), warmup, reps)['mm']
+  ms = time_interleaved({'mm': fn}, (), warmup, reps)['mm']
   return flops / (ms * 1e-3) / 1e9
 
 
@@ -189,7 +189,7 @@ def stream_gbps(mib: int = 1024, warmup: int = 2, reps: int = 5) -> float:
     holder['a'] = fn(holder['a'], b)
     return holder['a']
   step()
-  ms = _time_interleaved({'stream': step}, (), warmup, reps)['stream']
+  ms = time_interleaved({'stream': step}, (), warmup, reps)['stream']
   return 12 * n / (ms * 1e-3) / 1e9
 
 
@@ -209,41 +209,29 @@ def time_cases(cases: list[Case], warmup: int, reps: int, mode: str = 'train', e
   """Median ms per call, the cases (and the `extra` no-argument fns) taking turns within each rep."""
   fns = {c.name: getattr(c, mode) for c in cases}
   fns.update(extra or {})
-  return _time_interleaved(fns, (), warmup, reps)
+  return time_interleaved(fns, (), warmup, reps)
 
 
-def run(suite: str = 'quick', json_path: str | None = None, *, batch: int | None = None, reps: int | None = None,
-        warmup: int | None = None, routing_tokens: int | None = None, group_sizes=(256, 1024, 4096),
-        peak_n: int | None = None, model_overrides: dict | None = None, torch: bool = True, log=print) -> dict:
-  """Runs the whole suite; prints a table through `log`, writes `json_path` if given, returns the dict.
-  `torch`: also time the PyTorch calibration (when torch is installed)."""
+def _settings(suite: str, **given) -> dict:
+  """The suite's sizes (`SUITES[suite]`) with the given non-None values instead."""
   if suite not in SUITES:
     raise ValueError(f'--suite={suite!r} is invalid: expected one of {sorted(SUITES)}')
-  s = dict(SUITES[suite])
-  for k, v in dict(batch=batch, reps=reps, warmup=warmup, routing_tokens=routing_tokens, peak_n=peak_n).items():
-    if v is not None:
-      s[k] = v
-  over = dict(model_overrides or {})
-  B, reps, warmup = s['batch'], s['reps'], s['warmup']
-  t_start = time.perf_counter()
-  log(f'bench suite --suite={suite}: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax '
-      f'{jax.__version__}, {os.cpu_count()} CPU cores; batch {B}, median of {reps} after {warmup} warm-up'
-      + (' (quick: smaller batch and routing token count, fewer reps than full: batch 8, 5 reps, 16384 tokens)'
-         if suite == 'quick' else ''))
+  return {**SUITES[suite], **{k: v for k, v in given.items() if v is not None}}
 
-  peak_start = peak_gflops(s['peak_n'], warmup=max(2, warmup), reps=max(5, reps))
-  log(f'  peak at start: {peak_start:.1f} GFLOP/s ({s["peak_n"]}² f32 matmul)')
-  peak_fn, peak_flops = peak_matmul(s['peak_n'])
-  stream = stream_gbps(warmup=max(2, warmup), reps=max(5, reps))
-  log(f'  stream: {stream:.1f} GB/s')
 
-  cfgs = {
+def _cases(over: dict) -> dict[str, ModelConfig]:
+  return {
       'ec_fc2_e8': bench_config(**over),
       'dense': bench_config(**{**over, 'routing': 'dense'}),
       'ec_fc1_e8': bench_config(**{**over, 'capacity_factor': 1.0}),
       'ec_fc2_e64': bench_config(**{**over, 'num_experts': 64}),
       'tc_top2': bench_config(**{**over, 'routing': 'token_choice', 'top_k': 2, 'capacity_factor': 1.0}),
   }
+
+
+def _time_jax(cfgs: dict, B: int, warmup: int, reps: int, peak_fn, peak_flops: float, log) -> dict:
+  """The JAX train (and EC-vs-dense inference) steps, in three pairs; returns their ms, compile times, XLA
+  FLOPs and the peak matmul timed beside the main case."""
   # Cases are built, timed and freed in small groups: the E=64 state alone (params, Adam moments, EMA) is
   # several GB, and all five at once do not fit a small machine.
   train_ms, infer_ms, compile_s, xla_flops = {}, {}, {}, {}
@@ -262,34 +250,81 @@ def run(suite: str = 'quick', json_path: str | None = None, *, batch: int | None
       infer_ms.update(ims)
     return ms
 
-  from ecdit.bench import torch_calibration
-  with_torch = torch and torch_calibration.available()
-  if torch and not with_torch:
-    log('  torch is not installed: no PyTorch calibration (pip install -e \'.[torch]\')')
-  pair = measure_group(['ec_fc1_e8', 'dense'], infer=True)
-  train_ms.update(pair)
-  pair = measure_group(['ec_fc2_e8', 'ec_fc2_e64'])
-  train_ms.update(pair)
+  train_ms.update(measure_group(['ec_fc1_e8', 'dense'], infer=True))
+  train_ms.update(measure_group(['ec_fc2_e8', 'ec_fc2_e64']))
   # The peak matmul takes turns with the main case (and TC, of the same size), so mfu is a ratio of two times
   # measured side by side: the peak alone drifts by ±6% between runs on these shared cores, and a hot loop of
   # matmuls reads 10-25% above the same matmul run between train steps (docs/performance.md).
   pair_tc = measure_group(['ec_fc2_e8', 'tc_top2'], extra={'peak_matmul': peak_fn})
   peak = peak_flops / (pair_tc.pop('peak_matmul') * 1e-3) / 1e9
   log(f'  peak beside the train steps: {peak:.1f} GFLOP/s')
-  peak_blas, torch_ms = None, {}
-  if with_torch:
-    # A block of their own: a JAX step timed right after a PyTorch step ran 10-35% slower (the allocator's and
-    # the caches' state, not thread spinning: a pause does not help), so torch does not join the JAX turns.
-    blas_fn, blas_flops = torch_calibration.peak_matmul(s['peak_n'])
-    torch_ms = _time_interleaved({'dense': torch_train_step(cfgs['dense'], B),
-                                  'ec_fc2_e8': torch_train_step(cfgs['ec_fc2_e8'], B),
-                                  'peak_matmul_blas': blas_fn}, (), warmup, reps)
-    peak_blas = blas_flops / (torch_ms.pop('peak_matmul_blas') * 1e-3) / 1e9
-    log('  PyTorch train ms: ' + ', '.join(f'{k} {v:.1f}' for k, v in torch_ms.items())
-        + f'; peak (torch/BLAS) {peak_blas:.1f} GFLOP/s')
   train_ms['tc_top2'] = pair_tc['tc_top2']
   train_ms['ec_fc2_e8_beside_tc'] = pair_tc['ec_fc2_e8']
-  tc_over_ec = pair_tc['tc_top2'] / pair_tc['ec_fc2_e8']
+  return dict(train_ms=train_ms, infer_ms=infer_ms, compile_s=compile_s, xla_flops=xla_flops, peak=peak,
+              tc_over_ec=pair_tc['tc_top2'] / pair_tc['ec_fc2_e8'])
+
+
+def _time_torch(cfgs: dict, B: int, peak_n: int, warmup: int, reps: int, log) -> tuple[dict, float]:
+  """(PyTorch train ms of dense and EC f_c=2, the torch/BLAS peak GFLOP/s), in turns with each other."""
+  # A block of their own: a JAX step timed right after a PyTorch step ran 10-35% slower (the allocator's and
+  # the caches' state, not thread spinning: a pause does not help), so torch does not join the JAX turns.
+  blas_fn, blas_flops = torch_calibration.peak_matmul(peak_n)
+  torch_ms = time_interleaved({'dense': torch_train_step(cfgs['dense'], B),
+                               'ec_fc2_e8': torch_train_step(cfgs['ec_fc2_e8'], B),
+                               'peak_matmul_blas': blas_fn}, (), warmup, reps)
+  peak_blas = blas_flops / (torch_ms.pop('peak_matmul_blas') * 1e-3) / 1e9
+  log('  PyTorch train ms: ' + ', '.join(f'{k} {v:.1f}' for k, v in torch_ms.items())
+      + f'; peak (torch/BLAS) {peak_blas:.1f} GFLOP/s')
+  return torch_ms, peak_blas
+
+
+def _torch_result(torch_ms: dict, train_ms: dict, model_flops: dict) -> dict:
+  import torch as torch_lib  # pylint: disable=import-outside-toplevel  (optional extra)
+  jax_ms = {'dense': train_ms['dense'], 'ec_fc2_e8': train_ms['ec_fc2_e8_beside_tc']}
+  return dict(version=torch_lib.__version__, threads=torch_lib.get_num_threads(), train_ms=torch_ms,
+              achieved_gflops={k: model_flops[k] / (v * 1e-3) / 1e9 for k, v in torch_ms.items()},
+              jax_over_torch_train={k: jax_ms[k] / torch_ms[k] for k in torch_ms})
+
+
+def _time_routing(over: dict, group_sizes, tokens: int, warmup: int, reps: int, log) -> list:
+  rows = []
+  width = over.get('width', BENCH_MODEL['width'])
+  for g in group_sizes:
+    if tokens % g:
+      continue
+    r = routing_bench.measure(over.get('num_experts', 8), g, tokens, width, warmup, reps)
+    rows.append(r)
+    log(f'  routing S={g}: gather {r.ms["gather"]:.1f} ms, onehot {r.ms["onehot"]:.1f} ms')
+  return rows
+
+
+def run(suite: str = 'quick', json_path: str | None = None, *, batch: int | None = None, reps: int | None = None,
+        warmup: int | None = None, routing_tokens: int | None = None, group_sizes=(256, 1024, 4096),
+        peak_n: int | None = None, model_overrides: dict | None = None, torch: bool = True, log=print) -> dict:
+  """Runs the whole suite; prints a table through `log`, writes `json_path` if given, returns the dict.
+  `torch`: also time the PyTorch calibration (when torch is installed)."""
+  s = _settings(suite, batch=batch, reps=reps, warmup=warmup, routing_tokens=routing_tokens, peak_n=peak_n)
+  over = dict(model_overrides or {})
+  B, reps, warmup = s['batch'], s['reps'], s['warmup']
+  t_start = time.perf_counter()
+  log(f'bench suite --suite={suite}: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax '
+      f'{jax.__version__}, {os.cpu_count()} CPU cores; batch {B}, median of {reps} after {warmup} warm-up'
+      + (' (quick: smaller batch and routing token count, fewer reps than full: batch 8, 5 reps, 16384 tokens)'
+         if suite == 'quick' else ''))
+
+  peak_start = peak_gflops(s['peak_n'], warmup=max(2, warmup), reps=max(5, reps))
+  log(f'  peak at start: {peak_start:.1f} GFLOP/s ({s["peak_n"]}² f32 matmul)')
+  peak_fn, peak_flops = peak_matmul(s['peak_n'])
+  stream = stream_gbps(warmup=max(2, warmup), reps=max(5, reps))
+  log(f'  stream: {stream:.1f} GB/s')
+
+  cfgs = _cases(over)
+  with_torch = torch and torch_calibration.available()
+  if torch and not with_torch:
+    log('  torch is not installed: no PyTorch calibration (pip install -e \'.[torch]\')')
+  j = _time_jax(cfgs, B, warmup, reps, peak_fn, peak_flops, log)
+  train_ms, infer_ms, peak = j['train_ms'], j['infer_ms'], j['peak']
+  torch_ms, peak_blas = _time_torch(cfgs, B, s['peak_n'], warmup, reps, log) if with_torch else ({}, None)
 
   model_flops = {k: flops_lib.train_step_flops(c, B) for k, c in cfgs.items()}
   n_params = {k: _param_count(c) for k, c in cfgs.items()}
@@ -299,24 +334,8 @@ def run(suite: str = 'quick', json_path: str | None = None, *, batch: int | None
   # The EC step timed in turns with the peak matmul (the same compiled step as in the E=64 pair).
   achieved = model_flops[main] / (train_ms['ec_fc2_e8_beside_tc'] * 1e-3) / 1e9
   theory = flops_lib.forward_flops(cfgs['ec_fc1_e8'], B) / flops_lib.forward_flops(cfgs['dense'], B)
-
-  torch_result = None
-  if with_torch:
-    import torch as torch_lib  # pylint: disable=import-outside-toplevel
-    jax_ms = {'dense': train_ms['dense'], 'ec_fc2_e8': train_ms['ec_fc2_e8_beside_tc']}
-    torch_result = dict(
-        version=torch_lib.__version__, threads=torch_lib.get_num_threads(), train_ms=torch_ms,
-        achieved_gflops={k: model_flops[k] / (v * 1e-3) / 1e9 for k, v in torch_ms.items()},
-        jax_over_torch_train={k: jax_ms[k] / torch_ms[k] for k in torch_ms})
-
-  rows = []
-  width = over.get('width', BENCH_MODEL['width'])
-  for g in group_sizes:
-    if s['routing_tokens'] % g:
-      continue
-    r = routing_bench.measure(over.get('num_experts', 8), g, s['routing_tokens'], width, warmup, reps)
-    rows.append(r)
-    log(f'  routing S={g}: gather {r.ms["gather"]:.1f} ms, onehot {r.ms["onehot"]:.1f} ms')
+  torch_result = _torch_result(torch_ms, train_ms, model_flops) if with_torch else None
+  rows = _time_routing(over, group_sizes, s['routing_tokens'], warmup, reps, log)
   gather_over_onehot = {str(r.group): dict(time=r.ms['gather'] / r.ms['onehot'],
                                            memory=r.temp_mib['gather'] / r.temp_mib['onehot']) for r in rows}
 
@@ -335,10 +354,10 @@ def run(suite: str = 'quick', json_path: str | None = None, *, batch: int | None
       e64_over_e8=train_ms['ec_fc2_e64'] / train_ms['ec_fc2_e8'],
       stream_gbps=stream, e64_over_e8_floor=e64_floor, extra_param_bytes=extra_bytes, params=n_params,
       gather_over_onehot=gather_over_onehot,
-      tc_over_ec=tc_over_ec,
+      tc_over_ec=j['tc_over_ec'],
       train_ms=train_ms, infer_ms=infer_ms,
       model_flops_per_train_step=model_flops,
-      xla_flops_per_train_step=xla_flops, compile_s=compile_s,
+      xla_flops_per_train_step=j['xla_flops'], compile_s=j['compile_s'],
       routing=[dict(experts=r.experts, group=r.group, groups=r.groups, capacity=r.capacity, ms=r.ms,
                     temp_mib=r.temp_mib) for r in rows],
       routing_tokens=s['routing_tokens'],

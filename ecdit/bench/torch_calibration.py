@@ -16,6 +16,7 @@ from typing import Callable
 import numpy as np
 
 from ecdit.config.model import ModelConfig
+from ecdit.export import weights
 
 
 def available() -> bool:
@@ -28,12 +29,12 @@ def available() -> bool:
 
 class TrainStep:
   """`step()` runs one PyTorch train step of `cfg` (initial weights = the JAX `params`) on `batch` (the suite's
-  arrays: image, text_states, text_mask) and returns the loss. `model`, `ema` (a list, in
+  step arrays: x0, text (states), text_mask) and returns the loss. `model`, `ema` (a list, in
   `model.parameters()` order) are exposed for tests."""
 
   def __init__(self, cfg: ModelConfig, params, batch: dict, tcfg):
     import torch  # pylint: disable=import-outside-toplevel
-    from ecdit.export import torch_reference, weights  # pylint: disable=import-outside-toplevel
+    from ecdit.export import torch_reference  # pylint: disable=import-outside-toplevel  (imports torch)
     self._torch = torch
     self.generator = torch.Generator().manual_seed(0)
     self.model = torch_reference.ECDiT(torch_reference.Config(cfg.to_dict())).train()
@@ -43,8 +44,8 @@ class TrainStep:
     self.opt = torch.optim.AdamW(self.model.parameters(), lr=t.learning_rate, betas=(t.b1, t.b2), eps=t.eps,
                                  weight_decay=t.weight_decay, foreach=True)
     self.ema = [p.detach().clone() for p in self.model.parameters()]
-    self.image = torch.from_numpy(np.array(batch['image']))
-    self.states = torch.from_numpy(np.array(batch['text_states']))
+    self.image = torch.from_numpy(np.array(batch['x0']))
+    self.states = torch.from_numpy(np.array(batch['text']))
     self.mask = torch.from_numpy(np.array(batch['text_mask']))
 
   def __call__(self) -> float:

@@ -60,11 +60,12 @@ RELATION_PHRASES = {'left of': 'to the left of', 'right of': 'to the right of', 
                     'below': 'below'}
 SPLIT_IDS = {'train': 0, 'validation': 1, 'eval_prompts': 2}
 
-# Geometry, in normalised units (1.0 = image width). At 32 px, 0.1 is 3.2 px.
-_GAP = 0.08            # least free space between two objects' boxes
-_MARGIN = 0.03         # least space between an object's box and the image border
-_SIZE_FEW = (0.12, 0.2)   # half-extent range for scenes of 1–2 objects
-_SIZE_MANY = (0.1, 0.15)  # for 3–4 objects
+# Placement, in normalised units (1.0 = image width). At 32 px, 0.1 is 3.2 px. Public: the eval's scenes
+# for GenEval records (ecdit.eval.shapes_eval.scene_from_record) follow the same rules.
+GAP = 0.08            # least free space between two objects' boxes
+MARGIN = 0.03         # least space between an object's box and the image border
+SIZE_FEW = (0.12, 0.2)   # half-extent range for scenes of 1–2 objects
+SIZE_MANY = (0.1, 0.15)  # for 3–4 objects
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,23 +194,34 @@ def _pick(rng: np.random.Generator, items: Sequence[Any]) -> Any:
   return items[int(rng.integers(len(items)))]
 
 
-def _separated(a: tuple[float, float, float], b: tuple[float, float, float]) -> bool:
+def separated(a: tuple[float, float, float], b: tuple[float, float, float]) -> bool:
+  """Two (cx, cy, size) boxes at least GAP apart along x or y."""
   (ax, ay, asz), (bx, by, bsz) = a, b
-  need = asz + bsz + _GAP
+  need = asz + bsz + GAP
   return abs(ax - bx) >= need or abs(ay - by) >= need
+
+
+def relation_holds(p, q, relation: str) -> bool:
+  """(cx, cy, size) box p is clearly `relation` of box q: along the relation's axis the boxes are GAP
+  apart; across it the centres differ by at most half the along-axis distance, so the stated relation is
+  the dominant one."""
+  axis = 0 if relation in ('left of', 'right of') else 1
+  sign = -1.0 if relation in ('left of', 'above') else 1.0   # p minus q, along axis
+  along = (p[axis] - q[axis]) * sign
+  return along >= p[2] + q[2] + GAP and abs(p[1 - axis] - q[1 - axis]) <= 0.5 * along
 
 
 def _place(rng: np.random.Generator, n: int) -> list[tuple[float, float, float]]:
   """n non-overlapping (cx, cy, size) triples, by rejection sampling."""
-  lo, hi = _SIZE_FEW if n <= 2 else _SIZE_MANY
+  lo, hi = SIZE_FEW if n <= 2 else SIZE_MANY
   while True:
     sizes = rng.uniform(lo, hi, size=n)
     for _ in range(100):
       placed = []
       for s in sizes:
-        c = rng.uniform(s + _MARGIN, 1.0 - s - _MARGIN, size=2)
+        c = rng.uniform(s + MARGIN, 1.0 - s - MARGIN, size=2)
         cand = (float(c[0]), float(c[1]), float(s))
-        if not all(_separated(cand, p) for p in placed):
+        if not all(separated(cand, p) for p in placed):
           break
         placed.append(cand)
       if len(placed) == n:
@@ -218,22 +230,15 @@ def _place(rng: np.random.Generator, n: int) -> list[tuple[float, float, float]]
 
 
 def _place_related(rng: np.random.Generator, relation: str) -> tuple[tuple, tuple]:
-  """(anchor, positioned) such that `positioned` is clearly `relation` of `anchor`.
-
-  Along the relation's axis the boxes are fully apart; across it the centres differ by at most half the
-  along-axis distance, so the stated relation is the dominant one.
-  """
-  lo, hi = _SIZE_FEW
+  """(anchor, positioned) such that `positioned` is clearly `relation` of `anchor` (`relation_holds`)."""
+  lo, hi = SIZE_FEW
   while True:
     sa, sb = rng.uniform(lo, hi, size=2)
-    a = rng.uniform(sa + _MARGIN, 1.0 - sa - _MARGIN, size=2)
-    b = rng.uniform(sb + _MARGIN, 1.0 - sb - _MARGIN, size=2)
-    axis = 0 if relation in ('left of', 'right of') else 1
-    sign = -1.0 if relation in ('left of', 'above') else 1.0   # positioned minus anchor, along axis
-    along = (b[axis] - a[axis]) * sign
-    across = abs(b[1 - axis] - a[1 - axis])
-    if along >= sa + sb + _GAP and across <= 0.5 * along:
-      return (float(a[0]), float(a[1]), float(sa)), (float(b[0]), float(b[1]), float(sb))
+    a = rng.uniform(sa + MARGIN, 1.0 - sa - MARGIN, size=2)
+    b = rng.uniform(sb + MARGIN, 1.0 - sb - MARGIN, size=2)
+    anchor, positioned = (float(a[0]), float(a[1]), float(sa)), (float(b[0]), float(b[1]), float(sb))
+    if relation_holds(positioned, anchor, relation):
+      return anchor, positioned
 
 
 def sample_example(rng: np.random.Generator, tag: str, *, held_out: str = 'exclude') -> Example:

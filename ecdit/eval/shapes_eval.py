@@ -22,34 +22,19 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ecdit.data import shapes
+from ecdit.diffusion import sampler as sampler_lib
 from ecdit.eval import detect as detect_lib
 from ecdit.eval import geneval_rules
+from ecdit.train import workdir as workdir_lib
 
 Generator = Callable[[list, int], np.ndarray]
 
-# Placement for scenes built from records (normalised units, 1.0 = image width).
-_GAP, _MARGIN = 0.08, 0.03
-_SIZE_FEW, _SIZE_MANY = (0.12, 0.2), (0.1, 0.15)
+# Scenes built from records follow the dataset's placement rules (shapes.GAP, MARGIN, SIZE_FEW/MANY), with
+# one floor of their own:
 _MIN_SIZE_PX = 3.0   # smaller shapes are not reliably told apart from their pixels
 
 
 # ------------------------------------------------------------------------------------------ ground truth
-
-def _axis_sign(rel: str) -> tuple[int, float]:
-  return (0 if rel in ('left of', 'right of') else 1), (-1.0 if rel in ('left of', 'above') else 1.0)
-
-
-def _relation_holds(p, q, rel: str) -> bool:
-  """p (cx, cy, s) is clearly `rel` of q: boxes apart along the axis, the cross offset at most half that."""
-  axis, sign = _axis_sign(rel)
-  along = (p[axis] - q[axis]) * sign
-  return along >= p[2] + q[2] + _GAP and abs(p[1 - axis] - q[1 - axis]) <= 0.5 * along
-
-
-def _apart(p, q) -> bool:
-  need = p[2] + q[2] + _GAP
-  return abs(p[0] - q[0]) >= need or abs(p[1] - q[1]) >= need
-
 
 def scene_from_record(record: dict, rng: np.random.Generator, image_size: int = 32) -> shapes.Scene:
   """A scene that satisfies `record`: exactly the counted objects, named colours, stated relations.
@@ -69,15 +54,16 @@ def scene_from_record(record: dict, rng: np.random.Generator, image_size: int = 
     if 'position' in e:
       rel, k = e['position']
       pairs += [(a, b, rel) for a in range(n) if owners[a] == j for b in range(n) if owners[b] == k]
-  lo, hi = _SIZE_FEW if n <= 2 else _SIZE_MANY
+  lo, hi = shapes.SIZE_FEW if n <= 2 else shapes.SIZE_MANY
   lo = max(lo, _MIN_SIZE_PX / image_size)
   for _ in range(60):
     hi = max(lo, hi)
     for _ in range(200):
       sizes = rng.uniform(lo, hi, size=n)
-      placed = [tuple(rng.uniform(s + _MARGIN, 1.0 - s - _MARGIN, size=2)) + (float(s),) for s in sizes]
-      if (all(_apart(placed[a], placed[b]) for a in range(n) for b in range(a))
-          and all(_relation_holds(placed[a], placed[b], rel) for a, b, rel in pairs)):
+      placed = [tuple(rng.uniform(s + shapes.MARGIN, 1.0 - s - shapes.MARGIN, size=2)) + (float(s),)
+                for s in sizes]
+      if (all(shapes.separated(placed[a], placed[b]) for a in range(n) for b in range(a))
+          and all(shapes.relation_holds(placed[a], placed[b], rel) for a, b, rel in pairs)):
         objects = [shapes.ShapeObject(record['include'][owners[i]]['class'], colors[i], float(p[0]),
                                       float(p[1]), float(p[2])) for i, p in enumerate(placed)]
         order = rng.permutation(n)
@@ -121,24 +107,12 @@ def model_generator(workdir, *, num_steps: int | None = None, cfg_scale: float |
   Raises ValueError (ecdit.train.workdir.WorkdirError) naming the path when the workdir, its config.json or
   its checkpoints are missing.
   """
-  from ecdit.diffusion import sampler as sampler_lib  # pylint: disable=import-outside-toplevel
-  from ecdit.train import workdir as workdir_lib  # pylint: disable=import-outside-toplevel
   try:
     run = workdir_lib.restore(workdir, ema=ema)
   except workdir_lib.WorkdirError as e:
     raise workdir_lib.WorkdirError(f'{e}; model-based eval needs a trained workdir (or pass --ground_truth '
                                    'to score the shapes world itself)') from None
-  mcfg, decode = run.model_config, run.decode
-  run_sampler = sampler_lib.make_sampler(
-      run.model, image_shape=(mcfg.image_size, mcfg.image_size, mcfg.in_channels),
-      num_steps=num_steps or run.cfg.sample.num_steps,
-      cfg_scale=run.cfg.sample.cfg_scale if cfg_scale is None else cfg_scale,
-      method=sampler or run.cfg.sample.sampler, clip=decode is None)
-
-  def generate(prompts, seed):
-    return sampler_lib.sample_prompts(run_sampler, run.params, run.tokenizer, list(prompts), int(seed),
-                                      decode=decode)
-
+  generate = sampler_lib.sampler_for_run(run, num_steps=num_steps, cfg_scale=cfg_scale, method=sampler)
   return generate, {'step': run.step, 'image_size': run.image_size, 'workdir': str(run.workdir)}
 
 

@@ -145,12 +145,3 @@ def load_text_encoder(folder: str | pathlib.Path, length: int | None = None, *, 
   params = jax.tree_util.tree_map(jnp.asarray, params)
   return PretrainedTextEncoder(kind=kind, cfg=cfg, params=params, tokenizer=tokenizer, apply=apply,
                                folder=path.resolve(), requested_length=requested)
-
-
-def random_clip_encoder(cfg: clip_text.CLIPTextConfig, length: int | None = None, seed: int = 0,
-                        dtype: str = 'float32') -> tuple[Callable, Any]:
-  """(jitted encode(params, ids, mask), random params) of a CLIP text model: benchmarks without weights."""
-  module = clip_text.CLIPTextTransformer(cfg, jnp.dtype(dtype))
-  l = length or cfg.max_positions
-  params = jax.jit(module.init)(jax.random.PRNGKey(seed), jnp.zeros((1, l), jnp.int32))
-  return jax.jit(lambda p, ids, mask: module.apply(p, ids, None)[0]), params

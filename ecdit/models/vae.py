@@ -92,11 +92,6 @@ class VAEConfig:
       raise LoadError(f'{where}: {e}') from None
 
 
-def sd_vae_config() -> VAEConfig:
-  """Stable Diffusion 1.x/2.x VAE (8× downsampling, 4 latent channels, ~84M parameters)."""
-  return VAEConfig()
-
-
 # ---- modules ------------------------------------------------------------------------------------
 
 def _norm(name: str, groups: int) -> nn.GroupNorm:
