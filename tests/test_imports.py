@@ -28,10 +28,10 @@ LAYERS = [
 
 # Function-level imports of ecdit modules, each with why it cannot be at the top: (module, imported) -> reason.
 ALLOWED_LOCAL = {
-    ('ecdit.cli', 'ecdit.malloc'): 're-executes the process before anything else loads',
     ('ecdit.commands.bench', 'ecdit.bench.mesh'): 'importing it asks XLA for simulated devices (that bench only)',
     ('ecdit.commands.bench', 'ecdit.bench.profile'): 'importing it sets the XLA dump flag (that bench only)',
     ('ecdit.commands.export', 'ecdit.export.diffusers'): 'needs torch + diffusers (the torch extra)',
+    ('ecdit.bench.torch_calibration', 'ecdit.export.torch_reference'): 'imports torch, an optional extra',
     ('ecdit.export.weights', 'ecdit.models.ecdit'): 'the name table and files serve PyTorch-only code: no JAX',
     ('ecdit.export.weights', 'ecdit.models.stack'): 'the name table and files serve PyTorch-only code: no JAX',
 }
