@@ -155,7 +155,7 @@ def model_config(cfg) -> ModelConfig:
   values = {k: v for k, v in cfg.model.items() if v is not None}
   implied = data_implied_model(cfg.data, values.get('text_encoder'))
   implied = {k: v for k, (v, _) in implied.items() if k not in values}
-  return ModelConfig.from_dict({**implied, **values}) if implied else ModelConfig.from_dict(values)
+  return ModelConfig.from_dict({**implied, **values})
 
 
 class ConfigError(errors.UsageError, ValueError):

@@ -106,11 +106,7 @@ def build_model(cfg: ModelConfig | Mapping[str, Any], remat: str = 'none') -> EC
   """ECDiT from a ModelConfig or a mapping (a ConfigDict's `model` section); validates first. `remat` is a
   train.remat policy (REMAT_POLICIES), checked here, before anything is traced."""
   cfg = as_config(cfg)
-  if remat != 'none':
-    stack.checkpoint_policy(remat)
-    if not cfg.scan_layers:
-      raise ValueError(f'train.remat={remat!r} needs model.scan_layers=True (it rematerialises the scanned '
-                       "unit); use train.remat='none' or scan the stack")
+  stack.check_remat(cfg, remat)
   return ECDiT(cfg, remat)
 
 

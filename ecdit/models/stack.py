@@ -60,13 +60,21 @@ class BlockUnit(nn.Module):
     return tokens, None
 
 
+def check_remat(cfg: ModelConfig, remat: str) -> None:
+  """A train.remat value this model can run (a known policy; anything but 'none' needs the scanned stack)."""
+  if remat == 'none':
+    return
+  checkpoint_policy(remat)
+  if not cfg.scan_layers:
+    raise ValueError(f'train.remat={remat!r} needs model.scan_layers=True (it rematerialises the scanned '
+                     "unit); use train.remat='none' or scan the stack")
+
+
 def run_blocks(cfg: ModelConfig, remat: str, tokens, c, ctx, text_mask, *, train: bool):
   """The stack, called inside the model's compact `__call__` (its modules are the model's children).
   tokens `[B, S, d]`, c `[B, d]`, ctx `[B, L, d]`, text_mask `[B, L]` → tokens `[B, S, d]`."""
+  check_remat(cfg, remat)
   if not cfg.scan_layers:
-    if remat != 'none':
-      raise ValueError(f'train.remat={remat!r} needs model.scan_layers=True (it rematerialises the scanned '
-                       "unit); use train.remat='none' or scan the stack")
     for i in range(cfg.depth):
       tokens = DiTBlock(cfg, i, name=f'block_{i}')(tokens, c, ctx, text_mask, train=train)
     return tokens

@@ -143,11 +143,11 @@ def train(cfg, workdir: str | Path, *, progress: bool = True, data_fn=None, devi
   wall = Timer()
   workdir = Path(workdir)
   mcfg = config_lib.validate(cfg)
-  workdir.mkdir(parents=True, exist_ok=True)
   try:
     setup = build(cfg, mcfg, devices, strict=True)
   except ValueError as e:   # the mesh does not fit the devices, or does not divide the model or batch
     raise config_lib.ConfigError(str(e).splitlines()[0]) from None
+  workdir.mkdir(parents=True, exist_ok=True)   # only once the config is known to build
   t = cfg.train
   main_process = jax.process_index() == 0
   resolved = resolved_config(cfg, mcfg)
