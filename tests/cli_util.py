@@ -11,7 +11,7 @@ import sys
 def run_cli(*args, timeout=600, cwd=None, env=None, check=False):
   """`ecdit <args>` in a fresh Python process with 1 CPU device; returns the CompletedProcess (text)."""
   full_env = dict(os.environ)
-  full_env['XLA_FLAGS'] = '--xla_force_host_platform_device_count=1'
+  full_env['XLA_FLAGS'] = '--xla_force_host_platform_device_count=1 ' + os.environ.get('ECDIT_TEST_XLA_FLAGS', '')
   full_env.update(env or {})
   proc = subprocess.run([sys.executable, '-m', 'ecdit.cli', *map(str, args)], capture_output=True, text=True,
                         timeout=timeout, cwd=cwd, env=full_env)

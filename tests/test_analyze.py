@@ -1,4 +1,4 @@
-"""`ecdit analyze` (ecdit.eval.routing_stats over ecdit.eval.routing): routing recorded while sampling, its
+"""`ecdit analyze` (ecdit.eval.routing.analysis over ecdit.eval.routing): routing recorded while sampling, its
 summaries, fg/bg on hand-made masks, textual importance, and the command end to end on a tiny workdir (in a
 subprocess)."""
 from __future__ import annotations
@@ -16,6 +16,8 @@ from cli_util import run_cli
 from ecdit.data import shapes
 from ecdit.diffusion import flow
 from ecdit.eval.routing import collect, heatmap, scenes, summary, textual
+
+pytestmark = pytest.mark.slow   # many compiles: scheduled first (tests/conftest.py)
 
 
 def _perturb(params, key, scale=0.2):

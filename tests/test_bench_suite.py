@@ -6,6 +6,8 @@ import pytest
 from ecdit.bench import flops, suite
 from ecdit.config.model import ModelConfig
 
+pytestmark = pytest.mark.slow   # many compiles: scheduled first (tests/conftest.py)
+
 KEYS = ('peak_gflops', 'mfu', 'achieved_gflops', 'ec_over_dense_train', 'ec_over_dense_infer',
         'ec_overhead_theory', 'e64_over_e8', 'gather_over_onehot', 'tc_over_ec', 'stream_gbps',
         'e64_over_e8_floor', 'peak_gflops_start', 'mfu_start')

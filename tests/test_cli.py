@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def ecdit(*args, timeout=120):
-  env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu')
+  env = dict(os.environ, XLA_FLAGS=os.environ.get('ECDIT_TEST_XLA_FLAGS', ''), JAX_PLATFORMS='cpu')
   return subprocess.run([sys.executable, '-m', 'ecdit.cli', *args], cwd=REPO, env=env, capture_output=True,
                         text=True, timeout=timeout)
 
@@ -23,16 +23,13 @@ def error_lines(stderr: str) -> list[str]:
   return [l for l in stderr.splitlines() if l.strip() and not l.startswith('Pass --helpshort')]
 
 
+# Through the command line: errors of the flag parser, the config file, a variant, and the mesh against the
+# device count (found by the training loop's build, before it compiles).
 @pytest.mark.parametrize('args,needle', [
     (['--config.train.bogus=1'], 'train.bogus'),
     (['--config=experiments/shapes_tiny.py', '--config.model.widht=64'], 'model.widht'),
     (['--config.train.num_steps=abc'], 'config.train.num_steps'),
-    (['--config.train.num_steps=0'], 'train.num_steps'),
     (['--config.train.optimizer=sgd'], 'train.optimizer'),
-    (['--config.model.routing=random'], 'model.routing'),
-    (['--config.model.width=100', '--config.model.num_heads=3'], 'model.width'),
-    (['--config.diffusion.mask_ratio=1.5'], 'diffusion.mask_ratio'),
-    (['--config.mesh.data=0'], 'mesh.data'),
     (['--config.mesh.data=3', '--config.mesh.fsdp=1'], 'multiplies to 3 devices'),   # vs the device count
     (['--config=experiments/shapes_small.py:moe'], 'moe'),
     (['--config=experiments/nope.py'], 'nope.py'),
@@ -45,6 +42,27 @@ def test_bad_config_is_one_line(args, needle, tmp_path):
   assert needle in lines[0], lines[0]
   assert 'Traceback' not in r.stderr
   assert not (tmp_path / 'checkpoints').exists()
+
+
+# Bad values the same check (`config.experiment.validate`, which `ecdit train` calls first) refuses: in this
+# process, one subprocess per case would cost seconds each for the same code path as train.optimizer above.
+@pytest.mark.parametrize('changes,needle', [
+    ({'train.num_steps': 0}, 'train.num_steps'),
+    ({'model.routing': 'random'}, 'model.routing'),
+    ({'model.width': 100, 'model.num_heads': 3}, 'model.width'),
+    ({'diffusion.mask_ratio': 1.5}, 'diffusion.mask_ratio'),
+    ({'mesh.data': 0}, 'mesh.data'),
+])
+def test_bad_config_value_names_the_key(changes, needle):
+  from ecdit.config import experiment as config_lib
+  from _train_util import load_experiment
+  cfg = load_experiment('shapes_tiny')
+  for key, value in changes.items():
+    section, name = key.split('.')
+    cfg[section][name] = value
+  with pytest.raises(config_lib.ConfigError) as e:
+    config_lib.validate(cfg)
+  assert needle in str(e.value) and '\n' not in str(e.value).strip(), str(e.value)
 
 
 def test_help_lists_commands():

@@ -27,6 +27,8 @@ from ecdit.export.weights import ExportError  # noqa: E402
 
 import ecdit_torch  # noqa: E402
 
+pytestmark = pytest.mark.slow   # many compiles: scheduled first (tests/conftest.py)
+
 ROUTINGS = {
     'ec': dict(routing='expert_choice', capacity_factor=2.0),
     'tc': dict(routing='token_choice', top_k=2, capacity_factor=1.0),
@@ -194,6 +196,7 @@ import sys
 sys.modules["ecdit"] = sys.modules["ecdit_torch"] = None   # importing either now fails
 import numpy as np, torch
 from diffusers import DiffusionPipeline
+
 pipe = DiffusionPipeline.from_pretrained({str(out)!r}, trust_remote_code=True)
 assert type(pipe).__name__ == "ECDiTPipeline", type(pipe)
 noise = torch.from_numpy(np.load({str(tmp_path / "noise.npy")!r}))

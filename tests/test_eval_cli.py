@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def ecdit(*args, cwd=REPO, timeout=120):
-  env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu', PYTHONPATH=str(REPO))
+  env = dict(os.environ, XLA_FLAGS=os.environ.get('ECDIT_TEST_XLA_FLAGS', ''), JAX_PLATFORMS='cpu', PYTHONPATH=str(REPO))
   return subprocess.run([sys.executable, '-m', 'ecdit.cli', *args], cwd=cwd, env=env, capture_output=True,
                         text=True, timeout=timeout)
 

@@ -21,6 +21,8 @@ from ecdit.export.jax_model import load_jax
 from ecdit.config.model import ModelConfig
 from ecdit.models.ecdit import abstract_params, build_model, init_params
 
+pytestmark = pytest.mark.slow   # many compiles: scheduled first (tests/conftest.py)
+
 TOL = 1e-5
 
 

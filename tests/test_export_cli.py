@@ -11,6 +11,8 @@ import pytest
 from _train_util import tiny_config
 from cli_util import run_cli
 
+pytestmark = pytest.mark.slow   # many compiles: scheduled first (tests/conftest.py)
+
 
 @pytest.fixture(scope='module')
 def dense_workdir(tmp_path_factory):

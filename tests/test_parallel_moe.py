@@ -24,6 +24,8 @@ from ecdit.config.sizes import preset
 from ecdit.parallel import AXES, batch_sharding, make_mesh, param_shardings, use_mesh
 from ecdit.layers.moe import parallel as moe_parallel
 
+pytestmark = pytest.mark.slow   # many compiles: scheduled first (tests/conftest.py)
+
 MESHES = [(8, 1, 1, 1), (2, 1, 4, 1), (1, 1, 8, 1), (1, 2, 2, 2)]
 TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -126,11 +128,9 @@ MODEL_CASES = {
     'dense': dict(routing='dense'),
 }
 # Compiling the model takes seconds per mesh on 2 shared cores, so the model level runs every routing once on
-# the data×expert mesh the HLO guard also reads, and EC on the other meshes too; the layer tests above cover
-# every backend and scope on more meshes.
-MODEL_RUNS = ([('ec-gather-image', m) for m in MESHES]
-              + [(c, (2, 1, 4, 1)) for c in ('ec-onehot-group', 'ec-gather-batch', 'tc', 'dense')]
-              + [('tc', (1, 2, 2, 2))])
+# the data×expert mesh the HLO guard also reads, and EC and TC on the mesh with all of fsdp/expert/model too;
+# the layer tests above cover every backend and scope, and the pure data and pure expert meshes.
+MODEL_RUNS = ([(c, (2, 1, 4, 1)) for c in MODEL_CASES] + [(c, (1, 2, 2, 2)) for c in ('ec-gather-image', 'tc')])
 
 
 @functools.lru_cache(maxsize=None)

@@ -12,6 +12,8 @@ from ecdit.bench import chips, plan
 
 from _train_util import tiny_config
 
+pytestmark = pytest.mark.slow   # many compiles: scheduled first (tests/conftest.py)
+
 HLO = """HloModule m
 
 %body.1 (p: (s32[], f32[4,8])) -> (s32[], f32[4,8]) {

@@ -15,6 +15,8 @@ from ecdit.train import state as state_lib
 
 from _train_util import Batches, data_fn, tiny_config
 
+pytestmark = pytest.mark.slow   # many compiles: scheduled first (tests/conftest.py)
+
 
 @pytest.fixture(scope='module')
 def setup():

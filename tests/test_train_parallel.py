@@ -16,6 +16,8 @@ from ecdit.train import loop
 
 from _train_util import Batches, tiny_config
 
+pytestmark = pytest.mark.slow   # many compiles: scheduled first (tests/conftest.py)
+
 TOL = dict(rtol=1e-5, atol=1e-5)
 MESHES = [(2, 1, 4, 1), (1, 2, 2, 2)]
 

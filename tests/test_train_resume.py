@@ -19,7 +19,7 @@ STEPS = 30
 
 
 def _env(root=None):
-  env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu')
+  env = dict(os.environ, XLA_FLAGS=os.environ.get('ECDIT_TEST_XLA_FLAGS', ''), JAX_PLATFORMS='cpu')
   if root is not None:  # later runs reuse the first run's compiled executables (same programs)
     env.update(JAX_COMPILATION_CACHE_DIR=str(root / 'jax_cache'), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')

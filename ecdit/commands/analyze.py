@@ -7,7 +7,7 @@ generated image beside), `NN_<prompt>_sample.png`, `NN_<prompt>_scene.png` (a re
 noised to each t, with its foreground mask) and one `analysis.json` with the summary statistics:
 experts-per-token histogram, zero-expert fraction and mean per layer and step, foreground/background mean
 experts and their ratio (on rendered scenes), and each word's textual importance. See docs/analysis.md; the
-library is `ecdit.eval.routing_stats`.
+library is `ecdit.eval.routing.analysis`.
 
 `--prompts` is a ';'-separated list or a GenEval metadata JSONL file; default: the run's sample.prompts.
 """
@@ -19,7 +19,8 @@ from absl import flags
 
 from ecdit import errors
 from ecdit.commands import flags as cflags
-from ecdit.eval import geneval_rules, routing_stats
+from ecdit.eval import geneval_rules
+from ecdit.eval.routing import analysis as routing_analysis
 
 _WORKDIR = cflags.define_workdir('training run directory (config.json + checkpoints/)')
 _PROMPTS = flags.DEFINE_string('prompts', None, "';'-separated prompts or a GenEval JSONL file "
@@ -63,12 +64,12 @@ def main(argv):
   with cflags.translate():
     if _PROMPTS.value:   # a bad prompts file fails before the model is loaded
       prompts, records = _prompts_and_records(_PROMPTS.value, '')
-    run = routing_stats.load_run(_WORKDIR.value, ema=_EMA.value)
+    run = routing_analysis.load_run(_WORKDIR.value, ema=_EMA.value)
     if not _PROMPTS.value:
       prompts, records = _prompts_and_records(None, run.cfg.sample.prompts)
   out = Path(_OUT.value) if _OUT.value else run.workdir / 'analysis' / f'step_{run.step:07d}'
   with cflags.translate():
-    results = routing_stats.analyze(
+    results = routing_analysis.analyze(
         run, prompts, out, num_steps=_STEPS.value, cfg_scale=_CFG_SCALE.value, method=_SAMPLER.value,
         seed=_SEED.value, scenes=_SCENES.value, min_fg=_MIN_FG.value, textual=_TEXTUAL.value,
         batch_size=_BATCH.value, records=records, log=lambda s: print(s, flush=True))

@@ -41,15 +41,11 @@ def main(argv):
     if not prompts:
       raise errors.UsageError('--prompts is empty')
     run = workdir_lib.restore(workdir, ema=_EMA.value)
-  step, mcfg = run.step, run.model_config
-  sampler = sampler_lib.make_sampler(
-      run.model, image_shape=(mcfg.image_size, mcfg.image_size, mcfg.in_channels),
-      num_steps=_STEPS.value or cfg.sample.num_steps,
-      cfg_scale=cfg.sample.cfg_scale if _CFG_SCALE.value is None else _CFG_SCALE.value,
-      method=_SAMPLER.value or cfg.sample.sampler, clip=run.decode is None)
+  generate = sampler_lib.sampler_for_run(run, num_steps=_STEPS.value, cfg_scale=_CFG_SCALE.value,
+                                         method=_SAMPLER.value)
   batch = [p for p in prompts for _ in range(_REPEAT.value)]
-  seed = cfg.sample.seed if _SEED.value is None else _SEED.value
-  images = sampler_lib.sample_prompts(sampler, run.params, run.tokenizer, batch, seed, decode=run.decode)
+  step, seed = run.step, cfg.sample.seed if _SEED.value is None else _SEED.value
+  images = generate(batch, seed)
   out = Path(_OUT.value) if _OUT.value else workdir / 'samples' / f'sample_{step:07d}.png'
   scale = max(1, 128 // images.shape[1])
   cols = _REPEAT.value if _REPEAT.value > 1 else None

@@ -83,7 +83,11 @@ def build(cfg, mcfg=None, devices=None, *, strict: bool = False) -> Setup:
 
 
 def resolved_config(cfg, mcfg) -> dict:
+  """What a run's config.json holds: the experiment config, with its data.dir absolute (so commands started
+  elsewhere read the same dataset and tokenizer), and the model config it resolved to."""
   d = config_lib.to_dict(cfg)
+  if '://' not in str(d['data'].get('dir', '://')):   # a local path; cloud URLs stay as given
+    d['data']['dir'] = str(Path(d['data']['dir']).absolute())
   d['resolved_model'] = mcfg.to_dict()
   return d
 
@@ -169,10 +173,7 @@ def train(cfg, workdir: str | Path, *, progress: bool = True, data_fn=None, devi
     print(f'resuming {cfg.name} from checkpoint step {start} in {ckpt.directory}', flush=True)
 
   writer = MetricsWriter(workdir, start_step=start, enabled=main_process)
-  sampler = sampler_lib.make_sampler(
-      setup.model, image_shape=(mcfg.image_size, mcfg.image_size, mcfg.in_channels),
-      num_steps=cfg.sample.num_steps, cfg_scale=cfg.sample.cfg_scale, method=cfg.sample.sampler,
-      clip=decode is None)
+  sampler = sampler_lib.from_config(setup.model, cfg.sample, clip=decode is None)
   samples_dir = workdir / 'samples'
   last_sample = None
 

@@ -46,8 +46,15 @@ class Restored:
 
   @functools.cached_property
   def tokenizer(self):
-    """What prompts are encoded with: ecdit's tokenizer, or the run's frozen pretrained text encoder."""
-    return frozen.prompt_tokenizer(self.cfg.data)
+    """What prompts are encoded with: the run's frozen pretrained text encoder, or its sentencepiece file.
+    Reading a run never prepares a dataset or trains a tokenizer (that would write beside someone's data)."""
+    if frozen.uses_text_encoder(self.cfg.data):
+      return frozen.prompt_tokenizer(self.cfg.data)
+    if self.tokenizer_path is None:
+      raise WorkdirError(f'--workdir={self.workdir}: the run\'s tokenizer is missing (data.dir='
+                         f'{self.cfg.data.dir!r}, read from {Path.cwd()}); expected the file the training '
+                         f'wrote beside its dataset, or set data.tokenizer_path in {self.workdir}/config.json')
+    return tokenizer.load_tokenizer(self.tokenizer_path, self.cfg.data.vocab_size, self.cfg.data.text_length)
 
   @functools.cached_property
   def decode(self) -> Callable[[Any], Any] | None:
