@@ -6,9 +6,10 @@ from __future__ import annotations
 import functools
 
 import jax
+import numpy as np
 import pytest
 
-from ecdit.bench import chips, plan
+from ecdit.bench import chips, mesh_search, plan
 
 from _train_util import tiny_config
 
@@ -41,12 +42,16 @@ def test_collectives_count_loop_bodies_by_their_trip_count():
   assert got['all-gather'] == {'count': 0, 'bytes': 0}
 
 
-@functools.lru_cache(maxsize=None)
-def planned(scan: bool, remat: str = 'none'):
+def planned_config(scan: bool, remat: str = 'none'):
   c = tiny_config(remat=remat)
   c.model.depth, c.model.scan_layers = 4, scan
   c.mesh.data, c.mesh.expert = 2, 4
-  return plan.plan(c, devices=jax.devices()[:8], chip='v5e')
+  return c
+
+
+@functools.lru_cache(maxsize=None)
+def planned(scan: bool, remat: str = 'none'):
+  return plan.plan(planned_config(scan, remat), devices=jax.devices()[:8], chip='v5e')
 
 
 def test_scanned_and_unrolled_steps_account_the_same_collectives():
@@ -75,3 +80,35 @@ def test_bad_chip_and_mesh_fail_with_one_line():
   c.mesh.data, c.mesh.expert = 3, 1
   with pytest.raises(ValueError, match='mesh'):
     plan.plan(c, devices=jax.devices()[:8], chip='v5p')
+
+
+# ---- --search ------------------------------------------------------------------------------------------------
+
+def test_factorisations_are_every_ordered_split():
+  assert mesh_search.factorisations(12, 2) == [(1, 12), (2, 6), (3, 4), (4, 3), (6, 2), (12, 1)]
+  eight = mesh_search.factorisations(8)
+  # 8 = 2³: three 2s into four ordered axes, C(3 + 3, 3) = 20 ways
+  assert len(eight) == len(set(eight)) == 20 and all(np.prod(f) == 8 for f in eight)
+
+
+def test_search_candidates_divide_and_come_experts_first():
+  c = planned_config(True)   # 4 experts, 2 heads, width 32, batch 8
+  meshes, rejected = mesh_search.candidates(c, jax.devices()[:8])
+  # expert | 4 and model | 2 heads: e·m ∈ {1: 4 (data, fsdp) splits of 8, 2 (e=1,m=2 / e=2,m=1): 3 each,
+  # 4 (e=2,m=2 / e=4,m=1): 2 each, 8 (e=4,m=2): 1} = 15; the other 5 of the 20 are refused, naming the number
+  assert len(meshes) == 15 and len(rejected) == 5
+  assert meshes[0] == (2, 1, 4, 1) and meshes[1] == (1, 2, 4, 1) and meshes[-1][2] == 1
+  assert rejected[(1, 1, 8, 1)].startswith('model.num_experts=4 is not divisible by mesh expert=8')
+
+
+def test_search_plans_the_first_candidates_best_first():
+  s = mesh_search.search(planned_config(True), devices=jax.devices()[:8], chip='v5e', limit=2)
+  assert s['planned'] == 2 and s['candidates'] == 15 * 3
+  assert [(tuple(p['mesh'].values()), p['remat']) for p in s['rows']] in (
+      [((2, 1, 4, 1), 'save_moe'), ((2, 1, 4, 1), 'none')], [((2, 1, 4, 1), 'none'), ((2, 1, 4, 1), 'save_moe')])
+  steps = [p['roofline_s']['overlapped'] for p in s['rows']]
+  assert steps == sorted(steps) and s['best'] is s['rows'][0]
+  text = mesh_search.format_search(s)
+  assert 'planned 2 of 45' in text and 'best: --config.mesh.data=2 --config.mesh.fsdp=1 --config.mesh.expert=4' in text
+  with pytest.raises(ValueError, match='--search_limit=0'):
+    mesh_search.search(planned_config(True), devices=jax.devices()[:8], chip='v5e', limit=0)
