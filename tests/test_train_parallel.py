@@ -120,3 +120,12 @@ def test_mesh_errors_before_compiling():
     loop.build(cfg, strict=True)
   # Restoring for sampling/export adapts the run's mesh to the devices at hand instead.
   assert loop.build(grad_probe_config((2, 1, 4, 1)), devices=jax.devices()[:2]).mesh.shape['data'] == 2
+
+
+def test_startup_line_names_backend_mesh_and_size():
+  from ecdit.models import params as params_lib
+  s = setup_of((2, 1, 4, 1))
+  line = loop.startup_line(s, 'runs/x')
+  assert '8 cpu device(s) (cpu) in 1 process(es); mesh data=2 fsdp=1 expert=4 model=1;' in line
+  # the train state's parameters, counted from the model's abstract init (ecdit params' path)
+  assert f"{params_lib.count(s.mcfg)['total'] / 1e6:.2f}M parameters" in line and line.endswith('workdir runs/x')

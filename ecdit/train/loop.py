@@ -120,6 +120,18 @@ def preview(setup: Setup, sampler, params, tokenizer, path: Path, decode=None) -
   return sampler_lib.save_png(sampler_lib.make_grid(images, scale=scale), path)
 
 
+def startup_line(setup: Setup, workdir: Path) -> str:
+  """What the run is about to use, said once before the dataset and the compile: backend, devices, processes,
+  mesh and parameter count (so a job that silently fell back to CPU, or got the wrong mesh, shows it)."""
+  devices = setup.mesh.devices.ravel()
+  kinds = sorted({d.device_kind for d in devices})
+  mesh = ' '.join(f'{k}={v}' for k, v in setup.mesh.shape.items())
+  count = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(setup.abstract_state.params))
+  return (f'{setup.cfg.name}: {len(devices)} {devices[0].platform} device(s) ({", ".join(kinds)}) in '
+          f'{jax.process_count()} process(es); mesh {mesh}; {count / 1e6:.2f}M parameters; '
+          f'scan_layers={setup.mcfg.scan_layers} remat={setup.cfg.train.remat}; workdir {workdir}')
+
+
 def check_layout_matches_run(workdir: Path, mcfg) -> None:
   """A workdir's checkpoints hold the stack in the layout its run was trained with (model.scan_layers):
   resuming with the other layout is refused before anything is read or written."""
@@ -159,6 +171,8 @@ def train(cfg, workdir: str | Path, *, progress: bool = True, data_fn=None, devi
   if main_process:
     (workdir / 'config.json').write_text(json.dumps(resolved, indent=2, sort_keys=True) + '\n')
 
+  if main_process:
+    print(startup_line(setup, workdir), flush=True)
   tokenizer, data_iter = (data_fn or _data)(cfg, setup.mesh)
   prompts_tok = frozen.prompt_tokenizer(cfg.data, fallback=tokenizer)   # a pretrained encoder's states, if any
   decode = frozen.decoder(cfg.data)   # latents -> pixels for previews (data.vae_dir)
