@@ -16,6 +16,9 @@ def test_t_sampling():
   assert abs(float(jnp.median(t)) - 0.5) < 0.01            # logit-normal(0, 1) is symmetric about 1/2
   t = flow.sample_t(k, 20000, mean=1.0, std=0.5)
   assert abs(float(jnp.median(t)) - float(jax.nn.sigmoid(1.0))) < 0.01
+  # logit(t) is the normal it came from: N(1, 0.5²) (the standard error of either estimate is < 0.004)
+  logit = np.log(np.asarray(t, np.float64) / (1 - np.asarray(t, np.float64)))
+  assert abs(logit.mean() - 1.0) < 0.02 and abs(logit.std() - 0.5) < 0.02
   u = flow.sample_t(k, 20000, sampling='uniform')
   assert abs(float(jnp.mean(u)) - 0.5) < 0.01 and abs(float(jnp.var(u)) - 1 / 12) < 0.003
   with pytest.raises(ValueError, match='t_sampling'):
@@ -78,6 +81,27 @@ class _Linear:
     tt = t.reshape(-1, 1, 1, 1)
     eps = (x - (1 - tt) * x0) / jnp.maximum(tt, 1e-6)
     return eps - x0 + variables['params'] * 0
+
+
+def test_euler_and_heun_on_an_ode_with_a_known_solution():
+  """dx/dt = x from t=1 to t=0 (x(0) = x(1)/e). With h = 1/N, one Euler step multiplies x by (1 - h) and
+  one Heun step by (1 - h + h²/2), the last interval being Euler: closed forms, and errors of order 1 and 2."""
+  x1 = jnp.full((1, 2, 2, 1), 0.8, jnp.float32)
+  ids, mask = jnp.zeros((1, 2), jnp.int32), jnp.ones((1, 2), bool)
+
+  def solve(method, n):
+    return float(sampler.integrate(lambda p, x, t, i, m: x, None, x1, ids, mask, ids, mask, num_steps=n,
+                                   cfg_scale=1.0, method=method)[0, 0, 0, 0])
+
+  errors = {}
+  for n in (8, 16, 32):
+    h = 1.0 / n
+    assert solve('euler', n) == pytest.approx(0.8 * (1 - h) ** n, rel=1e-5)
+    assert solve('heun', n) == pytest.approx(0.8 * (1 - h + h * h / 2) ** (n - 1) * (1 - h), rel=1e-5)
+    errors[n] = {m: abs(solve(m, n) - 0.8 / np.e) for m in ('euler', 'heun')}
+  for n in (8, 16):   # halving h halves Euler's error and quarters Heun's
+    assert 1.8 < errors[n]['euler'] / errors[2 * n]['euler'] < 2.2
+    assert 3.4 < errors[n]['heun'] / errors[2 * n]['heun'] < 4.6
 
 
 @pytest.mark.parametrize('method', ['euler', 'heun'])
