@@ -11,6 +11,7 @@ import importlib
 import json
 from pathlib import Path
 
+import safetensors
 import torch
 
 from .pipeline_ecdit import ECDiTPipeline
@@ -36,12 +37,43 @@ def _component_class(name: str, entry, where: Path):
                    'transformers one')
 
 
+def check_transformer_folder(folder: Path) -> None:
+  """ValueError, one line, unless the transformer's config.json and its weights agree on depth, width and
+  experts — read from the safetensors header, before the model is allocated from config.json."""
+  conf_path = folder / 'config.json'
+  weights = sorted(folder.glob('*.safetensors'))
+  if not conf_path.is_file() or not weights:
+    raise ValueError(f'{folder}: expected config.json and a .safetensors file (an ecdit diffusers export)')
+  try:
+    conf = json.loads(conf_path.read_text())
+    header = {}
+    for file in weights:   # one file, or the shards of a large model
+      with safetensors.safe_open(str(file), framework='pt') as f:
+        header.update({name: tuple(f.get_slice(name).get_shape()) for name in f.keys()})
+  except Exception as e:  # noqa: BLE001 — JSON and safetensors raise several types for a damaged file.
+    raise ValueError(f'{folder}: unreadable config.json or weights ({type(e).__name__}: {e})') from None
+  blocks = {n.split('.')[1] for n in header if n.startswith('blocks.')}
+  found = {'depth': len(blocks), 'width': header.get('patch_embed.proj.weight', (None,))[0]}
+  if conf.get('routing', 'expert_choice') != 'dense':
+    found['num_experts'] = next((s[0] for n, s in header.items() if n.endswith('.moe.wi.weight')), None)
+  for key, value in found.items():
+    if not isinstance(conf.get(key), int) or conf[key] != value:
+      raise ValueError(f'{conf_path}: {key}={conf.get(key)!r}, but the weights hold {key}={value}; '
+                       'do config.json and the weights belong together?')
+
+
 def load_pipeline(folder: str | Path, torch_dtype: torch.dtype | None = None) -> ECDiTPipeline:
   folder = Path(folder)
   index = folder / 'model_index.json'
   if not index.is_file():
     raise FileNotFoundError(f'{index} is missing: not a diffusers folder written by `ecdit export --format=diffusers`')
-  conf = json.loads(index.read_text())
+  try:
+    conf = json.loads(index.read_text())
+  except ValueError as e:
+    raise ValueError(f'{index} is not valid JSON: {e}') from None
+  if not isinstance(conf, dict):
+    raise ValueError(f'{index}: expected a JSON object naming the pipeline components')
+  check_transformer_folder(folder / 'transformer')
   parts = {}
   for name in COMPONENTS:
     entry = conf.get(name)

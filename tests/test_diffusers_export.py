@@ -276,3 +276,20 @@ def test_groups_spanning_images_are_refused():
   dexport.reproducible(cfg, dataclasses.replace(base, routing_scope='group', group_size=8))
   with pytest.raises(ValueError, match='group_size=32 does not divide the 16 tokens'):
     dexport.reproducible(cfg, dataclasses.replace(base, routing_scope='group', group_size=32))
+
+
+@pytest.mark.parametrize('key,value', [('depth', 200000), ('width', 32768), ('num_experts', 3)])
+def test_inconsistent_transformer_config_is_refused_before_allocating(export_of, tmp_path, key, value):
+  """A config.json whose sizes disagree with the (sharded) weights: one ValueError naming the key, from the
+  safetensors headers alone (width=32768 would otherwise allocate ~25 GB first)."""
+  import shutil
+  _, _, out = export_of('ec')
+  bad = tmp_path / 'pipe'
+  shutil.copytree(out, bad)
+  conf_path = bad / 'transformer' / 'config.json'
+  conf = json.loads(conf_path.read_text())
+  right = conf[key]
+  conf[key] = value
+  conf_path.write_text(json.dumps(conf))
+  with pytest.raises(ValueError, match=rf'{key}={value}, but the weights hold {key}={right};'):
+    ecdit_torch.load_pipeline(bad)

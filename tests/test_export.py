@@ -322,3 +322,18 @@ def test_top_level_config_must_agree_with_model(ec_export):
   (d / 'config.json').write_text(json.dumps(conf))
   with pytest.raises(weights.ExportError, match='top-level num_experts=16 disagrees with model.num_experts=4'):
     load_jax(d)
+
+
+@pytest.mark.parametrize('key,value', [('depth', 200000), ('width', 32768), ('num_experts', 16)])
+def test_config_sizes_disagreeing_with_the_weights_fail_before_building(ec_export, key, value):
+  """load_jax reads the header's sizes first: a config.json saying depth=200000 used to hang tracing it."""
+  cfg, out = ec_export
+  conf = json.loads((out / 'config.json').read_text())
+  conf['model'][key] = value
+  if key in conf:
+    conf[key] = value                      # the top-level copy (read_config checks the two agree)
+  if key == 'width':
+    conf['model']['text_width'] = value    # keeps the config itself valid (heads divide it)
+  (out / 'config.json').write_text(json.dumps(conf))
+  with pytest.raises(weights.ExportError, match=rf"model.{key}={value}, but the weights hold {key}={getattr(cfg, key)};"):
+    load_jax(out)

@@ -298,7 +298,40 @@ def import_params(tensors: Mapping[str, np.ndarray], cfg: ModelConfig, where: st
       traverse_util.unflatten_dict(flat)
 
 
+def read_header(export_dir: str | Path, file: str = WEIGHTS_FILE) -> dict[str, tuple[int, ...]]:
+  """{tensor name: shape} from a safetensors file's header, without reading any tensor."""
+  import safetensors
+  path = Path(export_dir) / file
+  if not path.is_file():
+    raise ExportError(f'{path} is missing: an export directory holds {CONFIG_FILE} and {WEIGHTS_FILE}')
+  try:
+    with safetensors.safe_open(str(path), framework='numpy') as f:
+      return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+  except Exception as e:  # noqa: BLE001 — the library raises several types for a damaged file.
+    raise ExportError(f'{path} is not a readable safetensors file: {e}') from None
+
+
+def check_header(cfg: ModelConfig, header: Mapping[str, tuple[int, ...]], where: str) -> None:
+  """The sizes that set how much a model allocates — depth, width, experts — agree between config.json and the
+  weights file, checked on the header before a model is built (a config.json saying depth=200000 or
+  width=32768 would otherwise be traced or allocated first)."""
+  blocks = {int(n.split('.')[1]) for n in header if n.startswith('blocks.') and n.split('.')[1].isdigit()}
+  found = {'depth': len(blocks)}
+  if 'patch_embed.proj.weight' in header:
+    found['width'] = header['patch_embed.proj.weight'][0]          # [width, patch_dim]
+  expert_weights = [shape for n, shape in header.items() if n.endswith('.moe.wi.weight')]
+  if cfg.routing != 'dense':
+    found['num_experts'] = expert_weights[0][0] if expert_weights else 0   # [E, mlp, width]
+  for key, value in found.items():
+    if value != getattr(cfg, key):
+      raise ExportError(f'{where}: config.json says model.{key}={getattr(cfg, key)}, but the weights hold '
+                        f'{key}={value}; do config.json and the weights belong together?')
+
+
 def load_params(export_dir: str | Path) -> tuple[dict, ModelConfig]:
-  """(unboxed Flax params, ModelConfig) from an export directory, fully checked."""
+  """(unboxed Flax params, ModelConfig) from an export directory, fully checked: the header's sizes against
+  config.json first, then every tensor's name, shape and dtype."""
   _, cfg = read_config(export_dir)
-  return import_params(read_tensors(export_dir), cfg, str(Path(export_dir) / WEIGHTS_FILE)), cfg
+  where = str(Path(export_dir) / WEIGHTS_FILE)
+  check_header(cfg, read_header(export_dir), where)
+  return import_params(read_tensors(export_dir), cfg, where), cfg
