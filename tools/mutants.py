@@ -84,7 +84,7 @@ MUTANTS = [
          tests=['tests/test_flow.py'], why='sampling integrates from t=1 down to t=0'),
     # ---- update / step ---------------------------------------------------------------------------------------
     dict(id='adam-bias-correction', file='ecdit/train/update.py',
-         old='u = (m / correct1.astype(m.dtype))', new='u = (m',
+         old='u = (m / correct1.astype(m.dtype))', new='u = (m)',
          tests=['tests/test_train_update.py'], why="AdamW divides m by 1-b1^t (optax's bias correction)"),
     dict(id='ema-decay-flipped', file='ecdit/train/update.py',
          old='e = (decay * e + (1.0 - decay) * p).astype(e.dtype)', new='e = ((1.0 - decay) * e + decay * p).astype(e.dtype)',

@@ -43,7 +43,12 @@ def run_mutant(m: dict, root: Path, timeout: int) -> dict:
   if original.count(m['old']) != 1:
     return dict(id=m['id'], status='stale', seconds=0.0,
                 detail=f"`old` occurs {original.count(m['old'])} times in {m['file']} (expected once)")
-  path.write_text(original.replace(m['old'], m['new']))
+  mutated = original.replace(m['old'], m['new'])
+  try:
+    compile(mutated, str(path), 'exec')
+  except SyntaxError as e:   # a broken mutant would be "killed" by any test run: say so instead
+    return dict(id=m['id'], status='invalid', seconds=0.0, detail=f'the mutated file does not parse: {e}')
+  path.write_text(mutated)
   env = dict(os.environ, PYTHONPATH=str(root), PYTHONDONTWRITEBYTECODE='1')
   t0 = time.perf_counter()
   try:
@@ -91,6 +96,7 @@ def main(argv=None) -> int:
   rate = killed / len(judged) if judged else 0.0
   print(f'killed {killed} of {len(judged)} mutants ({100 * rate:.0f}%); '
         f"{sum(r['status'] == 'stale' for r in results)} stale, "
+        f"{sum(r['status'] == 'invalid' for r in results)} invalid, "
         f"{sum(r['status'] == 'no-tests' for r in results)} with no tests collected")
   if args.json:
     Path(args.json).write_text(json.dumps(dict(kill_rate=rate, results=results), indent=2) + '\n')
