@@ -63,6 +63,22 @@ def test_golden(name, variant):
   assert text == path.read_text(), f'{name}:{variant} differs from {path}; regenerate with ECDIT_UPDATE_GOLDEN=1'
 
 
+# Table 1 of the paper (docs: ../shared/research/paper.md §3): width, depth, heads, KV heads per size, and the
+# experts in the variant's name; known without the golden dumps above.
+TABLE1 = {'xl': (1152, 28, 18, 6), 'xxl': (1536, 38, 24, 6), '3xl': (2304, 42, 36, 6), 'm': (3072, 38, 48, 12)}
+
+
+@pytest.mark.parametrize('variant,size,experts', [('xl_8e', 'xl', 8), ('xl_16e', 'xl', 16), ('xl_32e', 'xl', 32),
+                                                  ('xxl_32e', 'xxl', 32), ('3xl_32e', '3xl', 32),
+                                                  ('m_64e', 'm', 64)])
+def test_paper_variants_are_table_1(variant, size, experts):
+  c = _module('paper').get_config(variant)
+  c.data.source_dir = '/data/latents'
+  m = config_lib.validate(c)
+  assert (m.width, m.depth, m.num_heads, m.num_kv_heads) == TABLE1[size]
+  assert (m.num_experts, m.routing, m.moe_every, m.width // m.num_heads) == (experts, 'expert_choice', 2, 64)
+
+
 def test_paper_configs_carry_the_recipe():
   for variant in _variants('paper'):
     c = _module('paper').get_config(variant)

@@ -101,5 +101,17 @@ def test_golden_partition_specs(name, variant):
   path = GOLDEN / (f'partition_specs_{name}_{variant}.txt' if variant else f'partition_specs_{name}.txt')
   if os.environ.get('ECDIT_UPDATE_GOLDEN') == '1':
     path.write_text(text)
+  # Known without the golden file, so regenerating it cannot bless a bug: Megatron's column-parallel input
+  # projections (in over fsdp, out over model) and row-parallel output projections, experts split first.
+  specs = dict(line.split(': ', 1) for line in text.splitlines())
+  for layer in ('self_attn/query', 'self_attn/key', 'self_attn/value', 'cross_attn/query'):
+    assert specs[f'block_*/{layer}/kernel'] == "P('fsdp', 'model')", layer
+  assert specs['block_*/self_attn/out/kernel'] == "P('model', 'fsdp')"
+  if 'block_*/moe/wi' in specs:
+    assert specs['block_*/moe/wi'] == "P('expert', 'fsdp', 'model')"
+    assert specs['block_*/moe/wo'] == "P('expert', 'model', 'fsdp')"
+  if 'block_*/ffn/wi/kernel' in specs:
+    assert (specs['block_*/ffn/wi/kernel'], specs['block_*/ffn/wo/kernel']) == ("P('fsdp', 'model')",
+                                                                                "P('model', 'fsdp')")
   assert path.exists(), f'{path} is missing: run with ECDIT_UPDATE_GOLDEN=1'
   assert text == path.read_text(), f'{name}:{variant} differs from {path}; regenerate with ECDIT_UPDATE_GOLDEN=1'
