@@ -88,6 +88,33 @@ def test_resume_from_saved_state_gives_identical_batches(setup):
   assert resumed.get_state() == it.get_state()
 
 
+def test_set_state_on_a_running_iterator_jumps_to_the_saved_position(setup):
+  it = make(setup)
+  take(it, 3)
+  state = it.get_state()
+  expected = take(it, 4)
+  running = make(setup)
+  take(running, 6)              # already streaming (and prefetching) past the saved position
+  running.set_state(state)
+  for x, y in zip(expected, take(running, 4)):
+    assert_same(x, y)
+
+
+def test_worker_processes_give_the_same_stream_and_resume(setup):
+  """data.worker_count > 0 (8 in the paper and latent configs): grain's worker processes make the batches."""
+  cfg, tok = setup
+  with_workers = cfg.copy_and_resolve_references()
+  with_workers.worker_count = 2
+  it = make((with_workers, tok))
+  first = take(it, 3)
+  state = it.get_state()
+  for x, y in zip(first + take(it, 2), take(make(setup), 5)):
+    assert_same(x, y)
+  resumed = make((with_workers, tok))
+  resumed.set_state(state)
+  assert_same(next(resumed), take(make(setup), 4)[3])
+
+
 def test_state_from_another_stream_is_refused(setup):
   state = make(setup).get_state()
   with pytest.raises(ValueError, match='seed=0 .* seed=3'):

@@ -17,6 +17,7 @@ import dataclasses
 from typing import Any
 
 import grain
+from absl import flags
 import jax
 import numpy as np
 
@@ -98,6 +99,10 @@ class TrainIterator:
     ds = self._batches[self._step:].to_iter_dataset(
         grain.ReadOptions(num_threads=1, prefetch_buffer_size=2))
     if self._worker_count > 0:
+      # grain's workers read its absl flags; outside an absl app (a notebook, a test) nothing parsed them,
+      # and the first access raises. Their defaults are what we want.
+      if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
       ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self._worker_count))
     self._iter = iter(ds)
 
