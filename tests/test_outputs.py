@@ -7,12 +7,8 @@ import numpy as np
 import pytest
 
 from ecdit import errors, outputs
-from tests._train_util import tiny_config
-
-
-def snapshot(root: Path) -> dict:
-  """Every path under `root` with its bytes (None for a folder)."""
-  return {str(p.relative_to(root)): None if p.is_dir() else p.read_bytes() for p in sorted(root.rglob('*'))}
+from _train_util import tiny_config
+from cli_util import snapshot
 
 
 def legacy_run(path: Path, resolved: dict) -> Path:
@@ -33,12 +29,12 @@ def test_train_refuses_a_foreign_dir_and_another_model_before_writing(tmp_path):
   foreign.mkdir()
   (foreign / 'config.json').write_text('{"mine": true}\n')
   (foreign / 'metrics.jsonl').write_text('a\nb\n')
-  other = dict(resolved, resolved_model=dict(resolved['resolved_model'], width=resolved['resolved_model']['width'] * 2))
+  w = resolved['resolved_model']['width']
+  other = dict(resolved, resolved_model=dict(resolved['resolved_model'], width=2 * w))
   run = legacy_run(tmp_path / 'run', other)
   before = snapshot(tmp_path)
   with pytest.raises(outputs.WorkdirError, match=r'foreign is not empty and is not an ecdit run'):
     loop.train(cfg, foreign, progress=False)
-  w = resolved['resolved_model']['width']
   with pytest.raises(outputs.WorkdirError, match=rf'a different model: model.width={2 * w} there, {w} now; '
                                                  rf'resume with --config.model.width={2 * w}'):
     loop.train(cfg, run, progress=False)

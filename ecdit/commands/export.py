@@ -27,7 +27,8 @@ from ecdit.train import workdir as workdir_lib
 _WORKDIR = cflags.define_workdir('training run directory (config.json + checkpoints/)')
 _OUT = flags.DEFINE_string('out', None, 'output directory')
 _FORMAT = flags.DEFINE_enum('format', 'safetensors', ['safetensors', 'stablehlo', 'diffusers'], 'export format')
-_OVERWRITE = flags.DEFINE_bool('overwrite', False, 'diffusers: replace a non-empty --out (written aside, then moved)')
+_OVERWRITE = flags.DEFINE_bool('overwrite', False, 'diffusers: replace an earlier diffusers export at --out '
+                               '(written aside, then moved)')
 _EMA = flags.DEFINE_bool('ema', False, 'export the EMA weights instead of the raw parameters')
 _STEPS = flags.DEFINE_integer('steps', None, 'stablehlo sampler: Euler steps (default: the run\'s sample.num_steps)')
 _CFG_SCALE = flags.DEFINE_float('cfg_scale', None, 'stablehlo sampler: guidance scale (default: sample.cfg_scale)')
