@@ -6,6 +6,7 @@ Command modules define their absl flags at import, and two commands may share a 
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 
 def run_cli(*args, timeout=600, cwd=None, env=None, check=False):
@@ -18,3 +19,8 @@ def run_cli(*args, timeout=600, cwd=None, env=None, check=False):
   if check and proc.returncode != 0:
     raise AssertionError(f'ecdit {" ".join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr[-4000:]}')
   return proc
+
+
+def snapshot(root: Path) -> dict:
+  """Every path under `root` with its bytes (None for a folder): what a refused command must leave as it was."""
+  return {str(p.relative_to(root)): None if p.is_dir() else p.read_bytes() for p in sorted(Path(root).rglob('*'))}

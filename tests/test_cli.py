@@ -108,6 +108,14 @@ def test_bench_help_is_per_benchmark():
   assert routing.splitlines()[2].startswith('routing: gather vs one-hot')
 
 
+def test_bench_json_is_checked_before_measuring(tmp_path):
+  (tmp_path / 'afile').write_text('x')
+  r = ecdit('bench', 'suite', f'--json={tmp_path}/afile/r.json', timeout=60)
+  assert r.returncode == 2 and error_lines(r.stderr) == [
+      f'ecdit: error: --json={tmp_path}/afile/r.json cannot be created: no writable directory above it'], r.stderr
+  assert not r.stdout   # refused before the suite printed (or measured) anything
+
+
 # ---- the error boundary --------------------------------------------------------------------------------------
 
 BOOM = '''

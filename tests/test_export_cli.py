@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from _train_util import tiny_config
-from cli_util import run_cli
+from cli_util import run_cli, snapshot
 
 pytestmark = pytest.mark.slow   # many compiles: scheduled first (tests/conftest.py)
 
@@ -97,7 +97,12 @@ def test_upcycle_command(dense_workdir, tmp_path):
                                 np.asarray(params['final']['proj']['kernel']))
 
 
-def test_export_errors_are_one_line(tmp_path):
+def test_export_errors_are_one_line(tmp_path, dense_workdir):
+  workdir = dense_workdir[0]
+  before = snapshot(workdir)   # --out=<the run itself> would have replaced its config.json
+  proc = run_cli('export', f'--workdir={workdir}', f'--out={workdir}')
+  assert proc.returncode == 2 and f'--out={workdir} is inside the ecdit run {workdir}' in proc.stderr
+  assert 'Traceback' not in proc.stderr and snapshot(workdir) == before
   proc = run_cli('export', f'--workdir={tmp_path / "nope"}', f'--out={tmp_path / "o"}')
   assert proc.returncode == 2
   assert 'no config.json there' in proc.stderr and 'Traceback' not in proc.stderr

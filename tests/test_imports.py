@@ -13,6 +13,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1] / 'ecdit'
 # on one line are siblings and may not import each other.
 LAYERS = [
     ('ecdit', 'ecdit.malloc', 'ecdit.errors'),   # stdlib only
+    ('ecdit.outputs',),                          # stdlib + errors: the workdir and output guard
     ('ecdit.config',),                           # config keys, defaults, validation: no JAX
     ('ecdit.parallel',),                         # meshes, the logical-axis rules table: no models
     ('ecdit.layers',),                           # routing, MoE, attention, DiT blocks

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from ecdit import outputs
 from ecdit.train import checkpoint as ckpt_lib
 from ecdit.parallel import batch_sharding
 from ecdit.train import loop, optim
@@ -164,6 +165,8 @@ def test_loop_resumes_and_nan_stop(tmp_path):
   full = [json.loads(l) for l in (tmp_path / 'a' / 'metrics.jsonl').read_text().splitlines()]
   assert [r['step'] for r in full] == list(range(1, 7))
   assert json.loads((tmp_path / 'a' / 'config.json').read_text())['train']['num_steps'] == 6
+  # A run from before the marker (config.json + checkpoints only) is still recognised and resumes below.
+  (tmp_path / 'a' / outputs.RUN_MARKER).unlink()
 
   # nan_policy=stop: stops at the bad step with its number, nothing non-finite is saved.
   cfg.train.nan_policy = 'stop'
@@ -176,3 +179,4 @@ def test_loop_resumes_and_nan_stop(tmp_path):
   log = [json.loads(l) for l in (tmp_path / 'a' / 'metrics.jsonl').read_text().splitlines()]
   assert [r['step'] for r in log] == list(range(1, 8))   # resumed at 6; step 7 logged; 8 stopped the run
   assert [r['loss'] for r in log[:6]] == [r['loss'] for r in full]
+  assert outputs.is_run(tmp_path / 'a') and (tmp_path / 'a' / outputs.RUN_MARKER).is_file()

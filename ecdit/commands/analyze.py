@@ -13,11 +13,13 @@ library is `ecdit.eval.routing.analysis`.
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from absl import flags
 
 from ecdit import errors
+from ecdit import outputs
 from ecdit.commands import flags as cflags
 from ecdit.eval import geneval_rules
 from ecdit.eval.routing import analysis as routing_analysis
@@ -61,13 +63,17 @@ def main(argv):
   if _CFG_SCALE.value is not None and _CFG_SCALE.value < 0:
     raise errors.UsageError(f'--cfg_scale={_CFG_SCALE.value} is invalid: expected a number >= 0')
   cflags.quiet_logging()
+  check_out = functools.partial(outputs.check_output, flag='--out', folder=True, run_subdir='analysis',
+                                ours=outputs.folder_with('analysis.json', outputs.json_with('prompts', 'summary')))
+  if _OUT.value:   # before the run is restored; the default folder (the run's analysis/) once its step is known
+    check_out(_OUT.value)
   with cflags.translate():
     if _PROMPTS.value:   # a bad prompts file fails before the model is loaded
       prompts, records = _prompts_and_records(_PROMPTS.value, '')
     run = routing_analysis.load_run(_WORKDIR.value, ema=_EMA.value)
     if not _PROMPTS.value:
       prompts, records = _prompts_and_records(None, run.cfg.sample.prompts)
-  out = Path(_OUT.value) if _OUT.value else run.workdir / 'analysis' / f'step_{run.step:07d}'
+  out = check_out(Path(_OUT.value) if _OUT.value else run.workdir / 'analysis' / f'step_{run.step:07d}')
   with cflags.translate():
     results = routing_analysis.analyze(
         run, prompts, out, num_steps=_STEPS.value, cfg_scale=_CFG_SCALE.value, method=_SAMPLER.value,

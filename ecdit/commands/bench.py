@@ -14,6 +14,7 @@ from typing import Callable
 from absl import flags
 
 from ecdit import errors
+from ecdit import outputs
 from ecdit.bench import data, parts, routing, suite
 from ecdit.commands import flags as cflags
 
@@ -51,6 +52,8 @@ def _mesh():
 
 
 def _suite():
+  if _JSON.value:   # before the minutes of measuring
+    outputs.check_output(_JSON.value, '--json', ours=outputs.json_with('suite', 'train_ms'))
   suite.run(_SUITE.value, _JSON.value, reps=_REPS.value, torch=_TORCH.value)
 
 

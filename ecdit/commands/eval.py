@@ -17,6 +17,7 @@ import numpy as np
 from absl import flags
 
 from ecdit import errors
+from ecdit import outputs
 from ecdit.commands import flags as cflags
 from ecdit.data import shapes
 from ecdit.eval import geneval_rules, shapes_eval
@@ -49,6 +50,14 @@ def _records() -> list[dict]:
       return geneval_rules.read_records(prompts)
 
 
+def _check_outputs(out: Path) -> Path:
+  """--out and the failures PNG beside it may be written (the run's eval/ folder is its own); returns the PNG."""
+  outputs.check_output(out, '--out', ours=outputs.json_with('overall', 'records'), run_subdir='eval')
+  png = out.with_name(out.stem + '_failures.png')
+  outputs.check_output(png, '--out (failures PNG)', ours=outputs.png_from_ecdit, run_subdir='eval')
+  return png
+
+
 def main(argv):
   cflags.no_arguments(argv)
   for f in (_N, _NUM_PROMPTS, _BATCH, _STEPS):
@@ -57,6 +66,9 @@ def main(argv):
     raise errors.UsageError(f'--image_size={_IMAGE_SIZE.value} is invalid: expected at least 8')
   if not _GROUND_TRUTH.value:
     cflags.require(_WORKDIR, why=' to evaluate a model (or pass --ground_truth to score the shapes world)')
+  base = Path(_WORKDIR.value or '.') / 'eval'
+  if _OUT.value:   # the default name needs the run's step: checked once it is known, before any sampling
+    _check_outputs(Path(_OUT.value))
   records = _records()
 
   extra = {'prompts': _PROMPTS.value or f'shapes eval_prompts (num={_NUM_PROMPTS.value}, '
@@ -76,9 +88,8 @@ def main(argv):
     name = f'step_{info["step"]:07d}'
     extra.update(source='model', ema=_EMA.value, **info)
 
-  base = Path(_WORKDIR.value or '.') / 'eval'
   out = Path(_OUT.value) if _OUT.value else base / f'{name}.json'
-  png = out.with_name(out.stem + '_failures.png')
+  png = _check_outputs(out)
   results = shapes_eval.run_eval(records, generate, images_per_prompt=_N.value, seed=_SEED.value,
                                  batch_size=_BATCH.value, out=out, failures_png=png,
                                  max_failures=_MAX_FAILURES.value, extra=extra)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from absl import flags
 
+from ecdit import outputs
 from ecdit.commands import flags as cflags
 from ecdit.data.tokenizer import Tokenizer
 from ecdit.export import stablehlo, weights
@@ -26,11 +27,19 @@ from ecdit.train import workdir as workdir_lib
 _WORKDIR = cflags.define_workdir('training run directory (config.json + checkpoints/)')
 _OUT = flags.DEFINE_string('out', None, 'output directory')
 _FORMAT = flags.DEFINE_enum('format', 'safetensors', ['safetensors', 'stablehlo', 'diffusers'], 'export format')
-_OVERWRITE = flags.DEFINE_bool('overwrite', False, 'diffusers: replace a non-empty --out (written aside, then moved)')
+_OVERWRITE = flags.DEFINE_bool('overwrite', False, 'diffusers: replace an earlier diffusers export at --out '
+                               '(written aside, then moved)')
 _EMA = flags.DEFINE_bool('ema', False, 'export the EMA weights instead of the raw parameters')
 _STEPS = flags.DEFINE_integer('steps', None, 'stablehlo sampler: Euler steps (default: the run\'s sample.num_steps)')
 _CFG_SCALE = flags.DEFINE_float('cfg_scale', None, 'stablehlo sampler: guidance scale (default: sample.cfg_scale)')
 _PLATFORMS = flags.DEFINE_list('platforms', ['cpu', 'cuda'], 'stablehlo: platforms to lower for')
+
+
+_EXPORT_OF = {   # how an earlier export of each format is recognised (by the file that names its format)
+    'safetensors': outputs.folder_with(weights.CONFIG_FILE, outputs.json_with('format', 'weights')),
+    'stablehlo': outputs.folder_with(weights.CONFIG_FILE, outputs.json_with('format', 'stablehlo')),
+    'diffusers': outputs.folder_with('model_index.json', outputs.json_with('_class_name', 'transformer')),
+}
 
 
 def _null_caption(run):
@@ -48,6 +57,8 @@ def main(argv):
   cflags.no_arguments(argv)
   cflags.require(_WORKDIR)
   cflags.require(_OUT)
+  # Before the restore: not into a run, not over a folder that is not an earlier export of this format.
+  outputs.check_output(_OUT.value, '--out', folder=True, ours=_EXPORT_OF[_FORMAT.value])
   if _FORMAT.value == 'diffusers':
     # Imported here: it needs torch and diffusers (the torch extra), which the other formats do not.
     from ecdit.export import diffusers  # pylint: disable=import-outside-toplevel

@@ -8,11 +8,13 @@ pretrained encoder, and with data.vae_dir the sampled latents are decoded to pix
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from absl import flags
 
 from ecdit import errors
+from ecdit import outputs
 from ecdit.commands import flags as cflags
 from ecdit.diffusion import sampler as sampler_lib
 from ecdit.train import workdir as workdir_lib
@@ -35,18 +37,23 @@ def main(argv):
   cflags.at_least(_REPEAT, 1)
   cflags.at_least(_STEPS, 1)
   cflags.quiet_logging()
+  # Checked before the restore; the default <workdir>/samples/ is the run's own output folder.
+  check_out = functools.partial(outputs.check_output, flag='--out', ours=outputs.png_from_ecdit,
+                                run_subdir='samples')
+  if _OUT.value:
+    check_out(_OUT.value)
   with cflags.translate():   # WorkdirError, ConfigError
     cfg = workdir_lib.load_run_config(workdir)
     prompts = [p.strip() for p in (_PROMPTS.value or cfg.sample.prompts).split(';') if p.strip()]
     if not prompts:
       raise errors.UsageError('--prompts is empty')
     run = workdir_lib.restore(workdir, ema=_EMA.value)
+  step, seed = run.step, cfg.sample.seed if _SEED.value is None else _SEED.value
+  out = check_out(Path(_OUT.value) if _OUT.value else workdir / 'samples' / f'sample_{step:07d}.png')
   generate = sampler_lib.sampler_for_run(run, num_steps=_STEPS.value, cfg_scale=_CFG_SCALE.value,
                                          method=_SAMPLER.value)
   batch = [p for p in prompts for _ in range(_REPEAT.value)]
-  step, seed = run.step, cfg.sample.seed if _SEED.value is None else _SEED.value
   images = generate(batch, seed)
-  out = Path(_OUT.value) if _OUT.value else workdir / 'samples' / f'sample_{step:07d}.png'
   scale = max(1, 128 // images.shape[1])
   cols = _REPEAT.value if _REPEAT.value > 1 else None
   sampler_lib.save_png(sampler_lib.make_grid(images, cols=cols, scale=scale), out)

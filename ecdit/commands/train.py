@@ -3,7 +3,8 @@
   ecdit train                                   # experiments/shapes_tiny.py into ./runs/shapes_tiny
   ecdit train --config=experiments/shapes_small.py:ec --workdir=runs/ec --config.train.num_steps=100
 
-A bad key, type or value stops the command with one line naming the key, before anything compiles.
+A bad key, type or value stops the command with one line naming the key, before anything compiles. So does a
+workdir that is not empty and not an ecdit run, or a run of a different model (use a new workdir).
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 from absl import flags
 
 from ecdit import errors
+from ecdit import outputs
 from ecdit.commands import flags as cflags
 from ecdit.config import experiment as config_lib
 from ecdit.parallel import distributed
@@ -34,7 +36,10 @@ def main(argv):
     distributed.initialize()
   except (ValueError, RuntimeError) as e:
     raise errors.RunError(cflags.one_line(e)) from None
+  if not _WORKDIR.value:
+    outputs.check_run_name(cfg.name)   # `--config.name=..` must not train into ./
   workdir = Path(_WORKDIR.value or Path('runs') / cfg.name)
+  # A workdir that is neither new, empty nor a run of this model is a WorkdirError (nothing written);
   # ConfigError (mesh vs devices, model or batch: found before any compile), NonFiniteLossError and
   # CheckpointError reach the ecdit.cli boundary as one line each.
   summary = loop.train(cfg, workdir, progress=_PROGRESS.value)

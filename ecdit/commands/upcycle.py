@@ -16,12 +16,13 @@ from pathlib import Path
 from absl import flags
 
 from ecdit import errors
+from ecdit import outputs
 from ecdit.commands import flags as cflags
 from ecdit.export import upcycle
 from ecdit.train import workdir as workdir_lib
 
 _WORKDIR = cflags.define_workdir('the dense training run directory')
-_OUT = flags.DEFINE_string('out', None, 'the new workdir (must not hold checkpoints yet)')
+_OUT = flags.DEFINE_string('out', None, 'the new workdir (a new or empty directory)')
 _ROUTING = flags.DEFINE_enum('routing', 'expert_choice', ['expert_choice', 'token_choice'], 'MoE routing')
 _EXPERTS = flags.DEFINE_integer('num_experts', 8, 'experts per MoE layer')
 _MOE_EVERY = flags.DEFINE_integer('moe_every', None, 'every n-th block is sparse (default: the run\'s)')
@@ -34,9 +35,8 @@ def main(argv):
   cflags.no_arguments(argv)
   if not _WORKDIR.value or not _OUT.value:
     raise errors.UsageError('--workdir and --out are required')
-  out = Path(_OUT.value)
-  if (out / 'checkpoints').exists() and any((out / 'checkpoints').iterdir()):
-    raise errors.UsageError(f'--out={out} already holds checkpoints; choose a new directory')
+  # The new workdir: absent or empty, outside every run, writable; checked before the dense run is read.
+  out = outputs.check_output(_OUT.value, '--out', folder=True)
   with cflags.translate(first_line=True):   # WorkdirError, ConfigError
     run = workdir_lib.restore(_WORKDIR.value, ema=_EMA.value)
   overrides = {'routing': _ROUTING.value, 'num_experts': _EXPERTS.value}

@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ecdit import outputs
+
 SAMPLERS = ('euler', 'heun')
 
 
@@ -182,10 +184,15 @@ def make_grid(images: np.ndarray, cols: int | None = None, pad: int = 2, scale: 
 
 
 def save_png(image: np.ndarray, path: str | Path) -> Path:
-  from PIL import Image
+  from PIL import Image, PngImagePlugin
   path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_name(path.name + '.tmp')
-  Image.fromarray(image).save(tmp, format='PNG')
-  tmp.replace(path)
+  info = PngImagePlugin.PngInfo()
+  info.add_text(*outputs.PNG_MARK)   # lets a later --out recognise the file as ours and replace it
+  try:
+    Image.fromarray(image).save(tmp, format='PNG', pnginfo=info)
+    tmp.replace(path)
+  finally:
+    tmp.unlink(missing_ok=True)   # no stray .tmp when the save or the rename fails
   return path

@@ -92,9 +92,8 @@ def upcycle_workdir(run, out: Path, overrides: dict, *, seed: int, source: dict)
   data_state = dict(run.data_state) if isinstance(run.data_state, dict) else run.data_state
   if isinstance(data_state, dict) and 'step' in data_state:
     data_state['step'] = 0
-  out.mkdir(parents=True, exist_ok=True)
   resolved = loop.resolved_config(cfg, mcfg)
-  (out / 'config.json').write_text(json.dumps(resolved, indent=2, sort_keys=True) + '\n')
+  loop.write_run_config(out, resolved)
   # Provenance beside the config (config.json itself only holds schema keys).
   source = dict(source, seed=seed, overrides=overrides)
   (out / 'upcycled_from.json').write_text(json.dumps(source, indent=2, sort_keys=True) + '\n')

@@ -13,6 +13,7 @@ import numpy as np
 from absl import logging
 
 from ecdit import errors
+from ecdit import outputs
 from ecdit import parallel
 from ecdit.config import experiment as config_lib
 from ecdit.data import batch as batch_lib
@@ -92,6 +93,14 @@ def resolved_config(cfg, mcfg) -> dict:
   return d
 
 
+def write_run_config(workdir: Path, resolved: dict) -> None:
+  """Makes `workdir` a run: its marker first (a run killed before config.json is still known as one), then
+  config.json."""
+  workdir.mkdir(parents=True, exist_ok=True)
+  (workdir / outputs.RUN_MARKER).write_text(outputs.run_marker(resolved['resolved_model']))
+  (workdir / 'config.json').write_text(json.dumps(resolved, indent=2, sort_keys=True) + '\n')
+
+
 def _data(cfg, mesh):
   if jax.process_count() > 1:   # process 0 builds the dataset and tokenizer; the others then find them
     from jax.experimental import multihost_utils
@@ -159,17 +168,19 @@ def train(cfg, workdir: str | Path, *, progress: bool = True, data_fn=None, devi
   wall = Timer()
   workdir = Path(workdir)
   mcfg = config_lib.validate(cfg)
+  resolved = resolved_config(cfg, mcfg)
+  # Nothing is written before the workdir is known to be new, empty or a run of this very model.
+  check_layout_matches_run(workdir, mcfg)
+  outputs.check_train_workdir(workdir, resolved['resolved_model'])
   try:
     setup = build(cfg, mcfg, devices, strict=True)
   except ValueError as e:   # the mesh does not fit the devices, or does not divide the model or batch
     raise config_lib.ConfigError(str(e).splitlines()[0]) from None
-  workdir.mkdir(parents=True, exist_ok=True)   # only once the config is known to build
   t = cfg.train
   main_process = jax.process_index() == 0
-  resolved = resolved_config(cfg, mcfg)
-  check_layout_matches_run(workdir, mcfg)
+  workdir.mkdir(parents=True, exist_ok=True)   # every process saves its checkpoint shards here
   if main_process:
-    (workdir / 'config.json').write_text(json.dumps(resolved, indent=2, sort_keys=True) + '\n')
+    write_run_config(workdir, resolved)
 
   if main_process:
     print(startup_line(setup, workdir), flush=True)

@@ -19,7 +19,7 @@ from typing import Any, Callable
 import flax.linen as nn
 import ml_collections
 
-from ecdit import errors
+from ecdit import outputs
 from ecdit.config import data as data_config
 from ecdit.config import experiment as config_lib
 from ecdit.config.model import ModelConfig
@@ -29,8 +29,7 @@ from ecdit.train import frozen
 from ecdit.train import loop
 
 
-class WorkdirError(errors.UsageError, ValueError):
-  """The workdir, its config.json or its checkpoints are missing or unreadable."""
+WorkdirError = outputs.WorkdirError   # its home is the output guard's layer, which training checks with it
 
 
 @dataclasses.dataclass

@@ -1,0 +1,168 @@
+"""Where commands may write (stdlib only): a run's marker, the training workdir guard and the output guard.
+
+A training run's workdir holds `ecdit_run.json` (written before anything else; older runs are recognised by a
+config.json with a `resolved_model` section). Training refuses a non-empty directory that is not a run; every
+other output (`--out`, `--json`) is checked before the work starts: not inside a run's workdir (bar the run's
+own output folder, e.g. samples/), not over a file or folder ecdit did not write, and writable. Nothing here
+creates, moves or deletes anything.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+from ecdit import errors
+
+RUN_MARKER = 'ecdit_run.json'
+RUN_FORMAT_VERSION = 1
+PNG_MARK = ('Software', 'ecdit')   # a tEXt chunk sampler.save_png writes: how a PNG is known to be ours
+
+
+class WorkdirError(errors.UsageError, ValueError):
+  """The workdir, its config.json or its checkpoints are missing, unreadable or not this run's."""
+
+
+class OutputError(errors.UsageError, ValueError):
+  """An output path a command was given would overwrite something it did not write, or is not writable."""
+
+
+# ---- runs --------------------------------------------------------------------------------------------------
+
+def _json(path: Path) -> Any:
+  try:
+    return json.loads(path.read_text())
+  except (OSError, ValueError):
+    return None
+
+
+def model_hash(resolved_model: dict) -> str:
+  return hashlib.sha256(json.dumps(resolved_model, sort_keys=True).encode()).hexdigest()
+
+
+def run_marker(resolved_model: dict) -> str:
+  """The text of `<workdir>/ecdit_run.json`."""
+  return json.dumps({'format': 'ecdit-run', 'format_version': RUN_FORMAT_VERSION,
+                     'model_sha256': model_hash(resolved_model)}, indent=2) + '\n'
+
+
+def previous_model(workdir: Path) -> dict | None:
+  """The resolved model config a run's config.json records (None: none, or unreadable)."""
+  d = _json(workdir / 'config.json')
+  model = d.get('resolved_model') if isinstance(d, dict) else None
+  return model if isinstance(model, dict) else None
+
+
+def is_run(path: Path) -> bool:
+  """An ecdit training workdir: the marker, or (runs from before it) a config.json with `resolved_model`."""
+  return path.is_dir() and ((path / RUN_MARKER).is_file() or previous_model(path) is not None)
+
+
+def enclosing_run(path: Path) -> Path | None:
+  """The run whose workdir is `path` or holds it."""
+  path = Path(path).absolute()
+  return next((p for p in (path, *path.parents) if is_run(p)), None)
+
+
+def first_difference(old: dict, new: dict) -> tuple[str, Any, Any] | None:
+  """(key, old, new) of the first model key the two configs give different values (sorted order). A key the
+  old config lacks is skipped: it comes from a newer schema, and the old run had its default."""
+  new = json.loads(json.dumps(new))   # tuples -> lists, as the old one was read back from JSON
+  for k in sorted(new):
+    if k in old and old[k] != new[k]:
+      return k, old[k], new[k]
+  return None
+
+
+def check_train_workdir(workdir: Path, resolved_model: dict) -> None:
+  """Training may write `workdir`: it does not exist yet, is empty, or is a run of the same model."""
+  workdir = Path(workdir)
+  if not workdir.exists():
+    if enclosing_run(workdir) is not None:
+      raise WorkdirError(f'--workdir={workdir} is inside the ecdit run {enclosing_run(workdir)}; '
+                         'train into a directory outside other runs')
+    return
+  if not workdir.is_dir():
+    raise WorkdirError(f'--workdir={workdir} exists and is not a directory')
+  if not is_run(workdir):
+    if any(workdir.iterdir()):
+      raise WorkdirError(f'--workdir={workdir} is not empty and is not an ecdit run (no {RUN_MARKER}); '
+                         'train into a new or empty directory')
+    return
+  old = previous_model(workdir)
+  diff = first_difference(old, resolved_model) if old is not None else None
+  if diff is not None:
+    k, was, now = diff
+    raise WorkdirError(f'--workdir={workdir} is a run of a different model: model.{k}={was!r} there, '
+                       f'{now!r} now; resume with --config.model.{k}={was!r}, or use a new workdir')
+
+
+def check_run_name(name: str) -> None:
+  """`runs/<config.name>` must stay a folder of ./runs: a plain directory name."""
+  if not name or name in ('.', '..') or '/' in name or os.sep in name or (os.altsep and os.altsep in name):
+    raise errors.UsageError(f'config.name={name!r} is invalid as the default workdir runs/<name>: expected a '
+                            'plain directory name (or pass --workdir)')
+
+
+# ---- outputs -----------------------------------------------------------------------------------------------
+
+def png_from_ecdit(path: Path) -> bool:
+  """A PNG written by sampler.save_png (its tEXt chunk sits before the image data)."""
+  key, value = PNG_MARK
+  try:
+    with open(path, 'rb') as f:
+      head = f.read(1 << 12)
+  except OSError:
+    return False
+  return head.startswith(b'\x89PNG') and b'tEXt' + key.encode() + b'\0' + value.encode() in head
+
+
+def json_with(*keys: str) -> Callable[[Path], bool]:
+  """Recognises a JSON file (a results file ecdit wrote) by the top-level keys it always holds."""
+  def ours(path: Path) -> bool:
+    d = _json(path)
+    return isinstance(d, dict) and all(k in d for k in keys)
+  return ours
+
+
+def folder_with(name: str, ours: Callable[[Path], bool]) -> Callable[[Path], bool]:
+  """Recognises an output folder ecdit wrote by one file in it."""
+  return lambda path: ours(path / name)
+
+
+def _writable_from(path: Path) -> Path | None:
+  """The nearest existing ancestor of a path not yet there, if it is a directory we may create entries in."""
+  for p in path.parents:
+    if p.exists():
+      return p if p.is_dir() and os.access(p, os.W_OK | os.X_OK) else None
+  return None
+
+
+def check_output(path, flag: str, *, folder: bool = False, ours: Callable[[Path], bool] | None = None,
+                 run_subdir: str | None = None) -> Path:
+  """Refuses, before any work, an output path (`folder`: a directory the command fills) that lies inside a
+  run's workdir (unless under that run's `run_subdir`), that exists as the wrong kind, that holds something
+  `ours` does not recognise as this command's earlier output, or that cannot be written. Returns the path."""
+  path = Path(path)
+  shown = f'{flag}={path}'
+  run = enclosing_run(path)
+  in_own_folder = run is not None and run_subdir is not None and \
+      Path(path).absolute().is_relative_to(run / run_subdir)
+  if run is not None and not in_own_folder:
+    raise OutputError(f'{shown} is inside the ecdit run {run}; write outputs outside a training run\'s workdir')
+  if path.exists():
+    if folder and not path.is_dir():
+      raise OutputError(f'{shown} exists and is not a directory')
+    if not folder and path.is_dir():
+      raise OutputError(f'{shown} is a directory; expected a file path')
+    non_empty = not folder or any(path.iterdir())
+    if non_empty and not in_own_folder and (ours is None or not ours(path)):
+      raise OutputError(f'{shown} exists and was not written by this command; choose a new path '
+                        '(nothing was changed)')
+    if not os.access(path, os.W_OK | (os.X_OK if folder else 0)):
+      raise OutputError(f'{shown} is not writable')
+  elif _writable_from(path) is None:
+    raise OutputError(f'{shown} cannot be created: no writable directory above it')
+  return path

@@ -1,0 +1,109 @@
+"""The workdir and output guard (ecdit/outputs.py): refusals leave every file byte-identical, runs (old-style
+too) are recognised, outputs are checked before any work."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ecdit import errors, outputs
+from _train_util import tiny_config
+from cli_util import snapshot
+
+
+def legacy_run(path: Path, resolved: dict) -> Path:
+  """A run as `ecdit train` left it before the marker existed: config.json with resolved_model, checkpoints/."""
+  (path / 'checkpoints' / '5').mkdir(parents=True)
+  (path / 'config.json').write_text(json.dumps(resolved, indent=2, sort_keys=True) + '\n')
+  (path / 'metrics.jsonl').write_text('{"step": 5, "loss": 1.0}\n')
+  return path
+
+
+def test_train_refuses_a_foreign_dir_and_another_model_before_writing(tmp_path):
+  from ecdit.config import experiment as config_lib
+  from ecdit.train import loop
+  cfg = tiny_config()
+  resolved = loop.resolved_config(cfg, config_lib.validate(cfg))
+
+  foreign = tmp_path / 'foreign'
+  foreign.mkdir()
+  (foreign / 'config.json').write_text('{"mine": true}\n')
+  (foreign / 'metrics.jsonl').write_text('a\nb\n')
+  w = resolved['resolved_model']['width']
+  other = dict(resolved, resolved_model=dict(resolved['resolved_model'], width=2 * w))
+  run = legacy_run(tmp_path / 'run', other)
+  before = snapshot(tmp_path)
+  with pytest.raises(outputs.WorkdirError, match=r'foreign is not empty and is not an ecdit run'):
+    loop.train(cfg, foreign, progress=False)
+  with pytest.raises(outputs.WorkdirError, match=rf'a different model: model.width={2 * w} there, {w} now; '
+                                                 rf'resume with --config.model.width={2 * w}'):
+    loop.train(cfg, run, progress=False)
+  assert snapshot(tmp_path) == before
+
+  # An old-style run of the same model resumes, also when its resolved_model predates a key (its default).
+  old = dict(resolved['resolved_model'])
+  old.pop('scan_layers')
+  same = legacy_run(tmp_path / 'same', dict(resolved, resolved_model=old))
+  assert outputs.is_run(same) and not (same / outputs.RUN_MARKER).exists()
+  outputs.check_train_workdir(same, resolved['resolved_model'])
+  outputs.check_train_workdir(tmp_path / 'new', resolved['resolved_model'])   # not there yet: fine
+  with pytest.raises(outputs.WorkdirError, match='inside the ecdit run'):
+    outputs.check_train_workdir(same / 'nested', resolved['resolved_model'])
+
+
+def test_run_marker_written_first_makes_a_run(tmp_path):
+  from ecdit.train import loop
+  resolved = {'name': 'x', 'resolved_model': {'width': 8, 'depth': (2, 3)}}
+  loop.write_run_config(tmp_path / 'r', resolved)
+  marker = json.loads((tmp_path / 'r' / outputs.RUN_MARKER).read_text())
+  assert marker['format'] == 'ecdit-run' and marker['format_version'] == 1
+  (tmp_path / 'r' / 'config.json').unlink()   # killed between the two writes: still a run, so it resumes
+  assert outputs.is_run(tmp_path / 'r')
+  outputs.check_train_workdir(tmp_path / 'r', {'width': 8})
+
+
+def test_default_workdir_name_must_be_a_plain_name():
+  for bad in ('..', '.', '', 'a/b', '../x'):
+    with pytest.raises(errors.UsageError, match='expected a plain directory name'):
+      outputs.check_run_name(bad)
+  outputs.check_run_name('shapes_tiny')
+
+
+def test_output_guard(tmp_path):
+  from ecdit.diffusion import sampler
+  run = legacy_run(tmp_path / 'run', {'resolved_model': {'width': 8}})
+  ours_png = sampler.save_png(np.zeros((4, 4, 3), np.uint8), tmp_path / 'grid.png')
+  assert outputs.png_from_ecdit(ours_png)
+  (tmp_path / 'photo.png').write_bytes(b'\x89PNG\r\n\x1a\n not ours')
+  (tmp_path / 'afile').write_text('x')
+  (tmp_path / 'full').mkdir()
+  (tmp_path / 'full' / 'notes.txt').write_text('keep me')
+  (tmp_path / 'old_export').mkdir()
+  (tmp_path / 'old_export' / 'config.json').write_text('{"format": "ecdit-export", "weights": "m"}')
+  before = snapshot(tmp_path)
+  png, export = outputs.png_from_ecdit, outputs.folder_with('config.json', outputs.json_with('format', 'weights'))
+  refused = [
+      (run / 'config.json', {}, 'inside the ecdit run'),
+      (run, dict(folder=True), 'inside the ecdit run'),                        # export --out=<workdir>
+      (run / 'eval' / 'r.json', dict(run_subdir='samples'), 'inside the ecdit run'),
+      (tmp_path / 'full', {}, 'is a directory; expected a file path'),         # sample --out=<dir>
+      (tmp_path / 'photo.png', dict(ours=png), 'was not written by this command'),
+      (tmp_path / 'full', dict(folder=True, ours=export), 'was not written by this command'),
+      (tmp_path / 'afile', dict(folder=True), 'exists and is not a directory'),
+      (tmp_path / 'afile' / 'r.json', {}, 'cannot be created: no writable directory above it'),
+  ]
+  for path, kw, msg in refused:
+    with pytest.raises(outputs.OutputError, match=msg):
+      outputs.check_output(path, '--out', **kw)
+  assert snapshot(tmp_path) == before
+  for path, kw in [(run / 'samples' / 'sample_5.png', dict(run_subdir='samples')), (ours_png, dict(ours=png)),
+                   (tmp_path / 'old_export', dict(folder=True, ours=export)), (tmp_path / 'new' / 'x', {})]:
+    assert outputs.check_output(path, '--out', **kw) == path
+
+
+def test_save_png_leaves_no_tmp_when_it_fails(tmp_path):
+  from ecdit.diffusion import sampler
+  (tmp_path / 'd').mkdir()
+  with pytest.raises(OSError):
+    sampler.save_png(np.zeros((4, 4, 3), np.uint8), tmp_path / 'd')
+  assert [p.name for p in tmp_path.iterdir()] == ['d']
