@@ -181,8 +181,6 @@ def train(cfg, workdir: str | Path, *, progress: bool = True, data_fn=None, devi
   workdir.mkdir(parents=True, exist_ok=True)   # every process saves its checkpoint shards here
   if main_process:
     write_run_config(workdir, resolved)
-
-  if main_process:
     print(startup_line(setup, workdir), flush=True)
   tokenizer, data_iter = (data_fn or _data)(cfg, setup.mesh)
   prompts_tok = frozen.prompt_tokenizer(cfg.data, fallback=tokenizer)   # a pretrained encoder's states, if any
