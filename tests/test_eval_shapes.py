@@ -77,6 +77,16 @@ def test_relative_position_follows_geneval():
   assert geneval_rules.relative_position(b, a) == {'right of'}
   assert geneval_rules.relative_position((0, 0, 8, 8), (20, 20, 28, 28)) == {'left of', 'above'}
   assert geneval_rules.relative_position((0, 0, 10, 10), (1, 1, 11, 11)) == set()   # inside the dead zone
+  # Hand-computed with 2×2 boxes (each axis shrinks by 0.1·(2 + 2) = 0.4, then / |offset|, > 0.5 names it):
+  box = lambda x, y: (x, y, x + 2, y + 2)   # noqa: E731
+  rel = geneval_rules.relative_position
+  assert rel(box(0.7, 0), box(0, 0)) == set()                  # (0.7 − 0.4) / 0.7 = 0.43
+  assert rel(box(0.9, 0), box(0, 0)) == {'right of'}           # (0.9 − 0.4) / 0.9 = 0.56
+  assert rel(box(-0.9, 0), box(0, 0)) == {'left of'}
+  assert rel(box(0, -10), box(0, 0)) == {'above'}              # straight up: no side at all
+  assert rel(box(-3, -10), box(0, 0)) == {'above'}             # dx = −2.6 / √109 = −0.25
+  assert rel(box(-10, -10), box(0, 0)) == {'left of', 'above'}   # −9.6 / √200 = −0.68 on both
+  assert rel(box(0, 10), box(0, 0)) == {'below'}
 
 
 @pytest.mark.parametrize('size', [32, 64])
