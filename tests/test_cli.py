@@ -52,6 +52,7 @@ def test_bad_config_is_one_line(args, needle, tmp_path):
     ({'model.width': 100, 'model.num_heads': 3}, 'model.width'),
     ({'diffusion.mask_ratio': 1.5}, 'diffusion.mask_ratio'),
     ({'mesh.data': 0}, 'mesh.data'),
+    ({'train.max_skipped_steps': -1}, 'train.max_skipped_steps'),
 ])
 def test_bad_config_value_names_the_key(changes, needle):
   from ecdit.config import experiment as config_lib
