@@ -48,6 +48,9 @@ def main(argv):
   cflags.no_arguments(argv)
   cflags.require(_WORKDIR)
   cflags.require(_OUT)
+  cflags.at_least(_STEPS, 1)
+  cflags.at_least(_CFG_SCALE, 0.0)
+  stablehlo.check_platforms(_PLATFORMS.value)
   if _FORMAT.value == 'diffusers':
     # Imported here: it needs torch and diffusers (the torch extra), which the other formats do not.
     from ecdit.export import diffusers  # pylint: disable=import-outside-toplevel

@@ -12,7 +12,6 @@ from pathlib import Path
 
 from absl import flags
 
-from ecdit import errors
 from ecdit.commands import flags as cflags
 from ecdit.diffusion import sampler as sampler_lib
 from ecdit.train import workdir as workdir_lib
@@ -34,12 +33,12 @@ def main(argv):
   workdir = Path(_WORKDIR.value)
   cflags.at_least(_REPEAT, 1)
   cflags.at_least(_STEPS, 1)
+  cflags.at_least(_CFG_SCALE, 0.0)
+  given = cflags.prompt_list(_PROMPTS) if _PROMPTS.value is not None else None   # an empty one: an error
   cflags.quiet_logging()
   with cflags.translate():   # WorkdirError, ConfigError
     cfg = workdir_lib.load_run_config(workdir)
-    prompts = [p.strip() for p in (_PROMPTS.value or cfg.sample.prompts).split(';') if p.strip()]
-    if not prompts:
-      raise errors.UsageError('--prompts is empty')
+    prompts = given or cflags.prompt_list(_PROMPTS, cfg.sample.prompts)
     run = workdir_lib.restore(workdir, ema=_EMA.value)
   generate = sampler_lib.sampler_for_run(run, num_steps=_STEPS.value, cfg_scale=_CFG_SCALE.value,
                                          method=_SAMPLER.value)
