@@ -52,11 +52,13 @@ class Tokens:
 
 
 class Batches:
-  """Deterministic synthetic batches (a coloured square on black) with get_state/set_state."""
+  """Deterministic synthetic batches (a coloured square on black) with get_state/set_state. `nan_at`: the
+  1-based batch number (or numbers: any collection, e.g. a range) whose first pixel is NaN."""
 
   def __init__(self, cfg, sharding, nan_at=None):
     self.b, self.size, self.length = cfg.train.batch_size, cfg.data.image_size, cfg.data.text_length
-    self.sharding, self.i, self.nan_at = sharding, 0, nan_at
+    self.sharding, self.i = sharding, 0
+    self.nan_at = set() if nan_at is None else {nan_at} if isinstance(nan_at, int) else set(nan_at)
 
   def __iter__(self):
     return self
@@ -69,7 +71,7 @@ class Batches:
     for k in range(self.b):
       x, y = r.randint(0, s // 2, 2)
       img[k, y:y + s // 2, x:x + s // 2, r.randint(3)] = 1.0
-    if self.nan_at is not None and self.i == self.nan_at:
+    if self.i in self.nan_at:
       img[0, 0, 0, 0] = np.nan
     ids = r.randint(1, 128, (self.b, self.length)).astype(np.int32)
     mask = np.arange(self.length)[None, :] < r.randint(2, self.length, (self.b, 1))

@@ -52,6 +52,7 @@ def test_bad_config_is_one_line(args, needle, tmp_path):
     ({'model.width': 100, 'model.num_heads': 3}, 'model.width'),
     ({'diffusion.mask_ratio': 1.5}, 'diffusion.mask_ratio'),
     ({'mesh.data': 0}, 'mesh.data'),
+    ({'train.max_skipped_steps': -1}, 'train.max_skipped_steps'),
 ])
 def test_bad_config_value_names_the_key(changes, needle):
   from ecdit.config import experiment as config_lib
@@ -191,3 +192,43 @@ def test_library_defines_no_flags_and_never_imports_commands():
       if isinstance(node, ast.ImportFrom) and node.module == 'ecdit' and any(
           a.name in ('commands', 'cli') for a in node.names):
         raise AssertionError(f'{rel}:{node.lineno} imports ecdit.{node.names[0].name}')
+
+
+# ---- accepted nonsense: the shared flag checks, in this process; two commands end to end ------------------
+
+def test_unknown_key_names_the_typo_not_a_valid_key():
+  from ml_collections.config_flags import config_path
+  from ecdit.commands import flags as cflags
+  from ecdit.config.experiment import base_config
+  for typo, hint in [('train.num_stepz', ''), ('trian.num_steps', " (did you mean 'train'?)")]:
+    with pytest.raises((KeyError, AttributeError)) as e:
+      config_path.set_value(typo, base_config(), 3)
+    argv = ['ecdit', '--config.train.num_steps=2', f'--config.{typo}=3', '--config.sample.num_steps=2']
+    assert cflags._unknown_key_message(e.value, argv) == f'--config.{typo}: unknown config key {typo!r}{hint}'
+
+
+def test_number_and_prompt_flag_checks():
+  from types import SimpleNamespace as Flag
+  from ecdit import errors
+  from ecdit.commands import flags as cflags
+  with pytest.raises(errors.UsageError, match=r'^--cfg_scale=-3.0 is invalid: expected a number >= 0$'):
+    cflags.at_least(Flag(name='cfg_scale', value=-3.0), 0.0)
+  with pytest.raises(errors.UsageError, match=r'^--experts=-3 is invalid: expected an integer >= 1$'):
+    cflags.at_least(Flag(name='experts', value=-3), 1)
+  cflags.at_least(Flag(name='cfg_scale', value=None), 0.0)   # not given: the run's value
+  assert cflags.prompt_list(Flag(name='prompts', value=' a ;; b;'), 'c') == ['a', 'b']
+  assert cflags.prompt_list(Flag(name='prompts', value=None), 'c;d') == ['c', 'd']
+  for empty in ('', ' ; '):   # given but empty: an error, not the default
+    with pytest.raises(errors.UsageError, match='^--prompts=.* holds no prompt'):
+      cflags.prompt_list(Flag(name='prompts', value=empty), 'c')
+
+
+@pytest.mark.parametrize('args,line', [
+    (['params', '--size=XL', '--experts=-3'], '--experts=-3 is invalid: expected an integer >= 1'),
+    # checked before the workdir (which does not exist) is read
+    (['sample', '--workdir=/nonexistent/run', '--prompts='],
+     "--prompts='' holds no prompt: expected a ';'-separated list"),
+])
+def test_nonsense_flags_are_one_line_before_any_work(args, line):
+  r = ecdit(*args)
+  assert r.returncode == 2 and error_lines(r.stderr) == [f'ecdit: error: {line}'], r.stderr

@@ -129,3 +129,10 @@ def test_command_errors(tmp_path):
     r = run_cli('compare', *args, f'--out={tmp_path / "out"}', timeout=60)
     assert r.returncode == 2 and message in r.stderr, r.stderr
     assert r.stderr.count('\n') == 1 and 'Traceback' not in r.stderr
+
+
+def test_read_curve_skips_null_losses(tmp_path):
+  # metrics.jsonl writes a skipped step's non-finite loss as null (ecdit.train.metrics): not a curve point.
+  path = tmp_path / 'metrics.jsonl'
+  path.write_text('{"step": 1, "flow_loss": 0.5}\n{"step": 2, "flow_loss": null}\n{"step": 3, "flow_loss": 0.25}\n')
+  assert compare.read_curve(path) == ('flow_loss', [(1, 0.5), (3, 0.25)])

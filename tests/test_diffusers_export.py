@@ -8,6 +8,7 @@ model trained on a few captions. Skips without torch / diffusers (`pip install -
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -105,6 +106,9 @@ def test_folder_layout(exported):
   card = (out / 'README.md').read_text()
   assert 'trust_remote_code=True' in card and 'ecdit_torch.load_pipeline' in card
   assert json.loads((out / 'ecdit_export.json').read_text())['source']['step'] == 4
+  umask = os.umask(0)
+  os.umask(umask)   # readable like any file the user writes (mkdtemp would leave 0700, safetensors 0600)
+  assert {p.stat().st_mode & 0o777 for p in [out, *out.rglob('*')]} == {0o777 & ~umask, 0o666 & ~umask}
 
 
 def _transformer_tensors(folder):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 
 import flax.linen as nn
 import jax
@@ -94,6 +95,10 @@ def test_name_table_covers_every_param_once(overrides):
 
 def test_export_files_and_layout(exported):
   name, cfg, params, out = exported
+  umask = os.umask(0)
+  os.umask(umask)
+  for f in ('model.safetensors', 'config.json', 'README.md'):   # safetensors alone would write 0600
+    assert (out / f).stat().st_mode & 0o777 == 0o666 & ~umask, f
   conf = json.loads((out / 'config.json').read_text())
   for k in ('image_size', 'in_channels', 'patch_size', 'text_length', 'vocab_size', 'routing', 'num_experts'):
     assert conf[k] == getattr(cfg, k)
@@ -198,6 +203,14 @@ def test_stablehlo_refuses_batch_scope(tmp_path):
   cfg = make_cfg(routing_scope='batch')
   with pytest.raises(weights.ExportError, match="routing_scope='batch'"):
     write_stablehlo(tmp_path, random_params(cfg), cfg, num_steps=1, cfg_scale=1.0, platforms=('cpu',))
+
+
+def test_stablehlo_platforms_are_checked_first():
+  from ecdit.export.stablehlo import check_platforms
+  check_platforms(['cpu', 'cuda'])
+  for bad in (['quantum'], ['cpu', 'gpu'], []):
+    with pytest.raises(weights.ExportError, match=r"^--platforms=.* is invalid: expected one or more of \['cpu'"):
+      check_platforms(bad)
 
 
 def test_stablehlo_missing_file(tmp_path):

@@ -289,3 +289,16 @@ def test_bench_routing_runs_tiny():
   assert lines[-1].count('\n') == 3  # header, rule, two rows
   bad = run_cli('bench', 'nonesuch', timeout=120)
   assert bad.returncode != 0 and "'routing'" in bad.stderr, bad.stderr
+
+
+def test_bench_routing_refuses_bad_flags_before_measuring():
+  from ecdit.bench import routing as bench_routing
+  good = dict(tokens=512, reps=1, warmup=0, experts=(4,), groups=(256, 512))
+  bench_routing.check_args(**good)
+  for change, needle in [(dict(tokens=0), '--tokens=0'), (dict(tokens=300), '--tokens=300'),
+                         (dict(groups=(768,)), '--group_sizes=768'), (dict(experts=(-3,)), '--experts=-3'),
+                         (dict(reps=0), '--reps=0')]:
+    with pytest.raises(ValueError, match=f'^{needle}.* is invalid'):
+      bench_routing.check_args(**{**good, **change})
+  with pytest.raises(ValueError, match='^--tokens=0'):   # run() checks first, instead of 0 meaning the default
+    bench_routing.run(tokens=0, log=lambda s: pytest.fail(f'measured: {s}'))

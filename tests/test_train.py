@@ -6,13 +6,16 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from ecdit import outputs
 from ecdit.train import checkpoint as ckpt_lib
 from ecdit.parallel import batch_sharding
 from ecdit.train import loop, optim
+from ecdit.train import skips
 from ecdit.train import state as state_lib
+from ecdit.train import update as update_lib
 
 from _train_util import Batches, data_fn, tiny_config
 
@@ -113,6 +116,22 @@ def test_nan_batch_skips_update(setup):
   assert bool(state_lib.all_finite((state.params, state.opt_state, state.ema_params)))
 
 
+def test_overflowing_update_is_skipped(setup):
+  # A crafted, finite state whose first Adam moment is near float32's max: the loss and gradients stay
+  # finite, but m̂/(√v̂ + eps) overflows, so the step would write inf into the parameters.
+  state = setup.init_state()
+  adam = update_lib._find(state.opt_state, optax.ScaleByAdamState)
+  mu = jax.tree.map(lambda m: jnp.full_like(m, 3e38), adam.mu)
+  state = state.replace(opt_state=update_lib._replace(state.opt_state, optax.ScaleByAdamState, adam._replace(mu=mu)))
+  before = _host(state)
+  state, m = setup.train_step(state, next(_batches(setup)))
+  assert np.isfinite(float(m['loss'])) and np.isfinite(float(m['grad_norm']))
+  assert not bool(m['finite']) and int(state.skipped) == 1 and int(state.step) == 1
+  for a, b in zip(jax.tree.leaves((before.params, before.opt_state, before.ema_params)),
+                  jax.tree.leaves(_host((state.params, state.opt_state, state.ema_params)))):
+    np.testing.assert_array_equal(a, b)
+
+
 def test_checkpoint_round_trip_and_corrupt_latest(setup, tmp_path, capsys):
   ck = ckpt_lib.Checkpointer(tmp_path, keep=5, use_async=True)
   state = setup.init_state()
@@ -180,3 +199,40 @@ def test_loop_resumes_and_nan_stop(tmp_path):
   assert [r['step'] for r in log] == list(range(1, 8))   # resumed at 6; step 7 logged; 8 stopped the run
   assert [r['loss'] for r in log[:6]] == [r['loss'] for r in full]
   assert outputs.is_run(tmp_path / 'a') and (tmp_path / 'a' / outputs.RUN_MARKER).is_file()
+
+
+def _strict_json(text):
+  def refuse(name):
+    raise ValueError(f'not JSON: {name}')
+  return [json.loads(line, parse_constant=refuse) for line in text.splitlines()]
+
+
+def test_consecutive_skips_stop_the_run(tmp_path):
+  # Steps 3 and 4 get NaN batches; with max_skipped_steps=2 the second skip stops the run, and step 4 (a
+  # checkpoint step) is counted before it is saved. The skipped step is logged as strict JSON, loss null.
+  cfg = tiny_config(num_steps=6, checkpoint_every=4, max_skipped_steps=2)
+  with pytest.raises(loop.NonFiniteLossError, match=r'^2 consecutive steps skipped .*steps 3-4; '
+                     r'train.max_skipped_steps=2.*Last checkpoint: none$'):
+    loop.train(cfg, tmp_path / 'a', progress=False, data_fn=data_fn(nan_at=range(3, 7)),
+               devices=jax.devices()[:1])
+  log = _strict_json((tmp_path / 'a' / 'metrics.jsonl').read_text())
+  assert [r['step'] for r in log] == [1, 2, 3]   # step 4 stopped the run before it was logged or saved
+  assert [r['loss'] is None for r in log] == [False, False, True]
+  assert [r['skipped'] for r in log] == [0, 0, 1]
+  assert log[0]['steps_per_sec'] is None   # no rate before the second step: null, not NaN
+  ck = ckpt_lib.Checkpointer(tmp_path / 'a')
+  assert ck.steps() == []
+  ck.close()
+
+
+def test_skip_guard_counts_consecutive_skips():
+  guard = skips.SkipGuard('skip', 2, lambda: 6)
+  for step, finite in [(1, False), (2, True), (3, False)]:   # 1 and 3 are not consecutive
+    guard(step, finite)
+  with pytest.raises(skips.NonFiniteLossError, match='^2 consecutive steps skipped .*steps 3-4;.*checkpoint: 6$'):
+    guard(4, False)
+  never = skips.SkipGuard('skip', 0, lambda: None)
+  for step in range(1, 100):
+    never(step, False)
+  with pytest.raises(skips.NonFiniteLossError, match='at step 5 .*nan_policy=stop.*checkpoint: none$'):
+    skips.SkipGuard('stop', 0, lambda: None)(5, False)

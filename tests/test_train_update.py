@@ -46,7 +46,7 @@ def _fused_step(tx, t, st, grads):
   del tx
   grad_norm = optax.global_norm(grads)
   finite = jnp.isfinite(grad_norm)
-  params, opt_state, ema = update_lib.fused_adamw_ema(
+  params, opt_state, ema, _ = update_lib.fused_adamw_ema(
       t, optim.schedule(t), grads, grad_norm, finite, st.params, st.opt_state, st.ema_params,
       state_lib.ema_decay_at(st.step, t.ema_decay))
   return st.replace(step=st.step + 1, params=params, opt_state=opt_state, ema_params=ema)
@@ -88,6 +88,29 @@ def test_fused_non_finite_step_changes_nothing():
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))   # bit for bit, counts included
   good = step(after, _grads(1, 0.1))                              # and the next finite step still moves
   assert _max_rel(good.params, st.params) > 1e-4
+
+
+def test_fused_skips_an_update_that_overflows():
+  # First step, no clipping or decay: m̂ = g and v̂ = g², so each parameter moves by -lr·g/(|g| + eps) = +lr
+  # for g = -1 (eps is below float32's resolution at 1). From 3e38 that is 4e38 > float32's max (3.4e38).
+  t = _train_cfg(learning_rate=1e38, warmup_steps=0, grad_clip=0.0, weight_decay=0.0)
+  tx = optim.make_optimizer(t)
+  g = {'w': -jnp.ones((3,), jnp.float32)}
+  step = jax.jit(lambda p: update_lib.fused_adamw_ema(
+      t, optim.schedule(t), g, optax.global_norm(g), jnp.bool_(True), p, tx.init(p), p, jnp.float32(0.5)))
+  big = {'w': jnp.array([1e38, 3e38, 0.0], jnp.float32)}   # only the middle one overflows: the whole step is skipped
+  params, opt_state, ema, applied = step(big)
+  assert not bool(applied)
+  np.testing.assert_array_equal(params['w'], big['w'])
+  np.testing.assert_array_equal(ema['w'], big['w'])
+  for x, y in zip(jax.tree.leaves(opt_state), jax.tree.leaves(tx.init(big))):
+    np.testing.assert_array_equal(x, y)                            # moments and counts untouched
+  ok = {'w': jnp.array([1e38, 2e38, 0.0], jnp.float32)}
+  params, _, ema, applied = step(ok)
+  assert bool(applied)
+  # |u| is 1 up to the float32 rounding of b1, b2 and the bias corrections (~7e-6)
+  np.testing.assert_allclose(params['w'], np.float32([2e38, 3e38, 1e38]), rtol=1e-5)
+  np.testing.assert_allclose(ema['w'], np.float32([1.5e38, 2.5e38, 0.5e38]), rtol=1e-5)   # 0.5·old + 0.5·new
 
 
 def test_fused_rejects_a_foreign_state():

@@ -32,7 +32,7 @@ def _update_fn(cfg):
   def step(p, opt, ema, g):
     norm = optax.global_norm(g)
     return update.fused_adamw_ema(setup.cfg.train, setup.lr_schedule, g, norm, jnp.isfinite(norm), p, opt, ema,
-                                  0.999)
+                                  0.999)[:3]
   jitted = jax.jit(step, donate_argnums=(0, 1, 2))
   holder = {'s': (st.params, st.opt_state, st.ema_params)}
 

@@ -46,6 +46,20 @@ def _config(experts: int, group: int, backend: str, width: int) -> ModelConfig:
                      moe_backend=backend, **scope).validate()
 
 
+def check_args(tokens: int, reps: int, warmup: int, experts: Sequence[int], groups: Sequence[int]) -> None:
+  """The flags of `ecdit bench routing`, each named with what it must be."""
+  if tokens < IMAGE_TOKENS or tokens % IMAGE_TOKENS:
+    raise ValueError(f'--tokens={tokens} is invalid: expected a positive multiple of {IMAGE_TOKENS}')
+  if reps < 1 or warmup < 0:
+    raise ValueError(f'--reps={reps} --warmup={warmup} is invalid: expected reps >= 1 and warmup >= 0')
+  if not experts or min(experts) < 1:
+    raise ValueError(f'--experts={",".join(map(str, experts))} is invalid: expected positive integers')
+  bad = [s for s in groups if s < 1 or s % IMAGE_TOKENS or tokens % s]
+  if bad or not groups:
+    raise ValueError(f'--group_sizes={",".join(map(str, groups))} is invalid: expected multiples of '
+                     f'{IMAGE_TOKENS} dividing --tokens={tokens}')
+
+
 def measure(experts: int, group: int, tokens: int, width: int, warmup: int, reps: int,
             backends: Sequence[str] = ('gather', 'onehot')) -> Row:
   """One table row: the same params, input and cotangent through each backend."""
@@ -87,9 +101,11 @@ def format_table(rows: Sequence[Row]) -> str:
 def run(quick: bool = False, tokens: int | None = None, reps: int | None = None, warmup: int = 1,
         experts: Sequence[int] = (8, 64), groups: Sequence[int] = (256, 1024, 4096), width: int = 384,
         log=print) -> list[Row]:
-  """Measures every (E, S) row and prints the table through `log`; returns the rows."""
-  tokens = tokens or (4096 if quick else 16384)
-  reps = reps or 5
+  """Measures every (E, S) row and prints the table through `log`; returns the rows. Bad arguments raise
+  ValueError (check_args) before anything is measured."""
+  tokens = (4096 if quick else 16384) if tokens is None else tokens
+  reps = 5 if reps is None else reps
+  check_args(tokens, reps, warmup, experts, groups)
   log(f'bench routing: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}; '
       f'{tokens} tokens per step, d={width}, hidden={4 * width}, f_c=2, float32, expert choice; '
       f'fwd+bwd median of {reps} after {warmup} warm-up')

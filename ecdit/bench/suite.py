@@ -193,10 +193,11 @@ def stream_gbps(mib: int = 1024, warmup: int = 2, reps: int = 5) -> float:
   return 12 * n / (ms * 1e-3) / 1e9
 
 
-# Bytes moved per extra float32 parameter per train step, at least: the fused update's four loops read and
-# write 13 parameter-sized arrays (m: g,m→m; v: g,v→v; params: p,m,v→p; EMA: e,p→e), and an expert weight is
-# read in the forward and in the backward pass and its gradient written once.
-UPDATE_ARRAYS_PER_PARAM = 13
+# Bytes moved per extra float32 parameter per train step, at least: the fused update's overflow check reads 4
+# parameter-sized arrays (g, p, m, v), then its four loops read and write 13 (m: g,m→m; v: g,v→v; params:
+# p,m,v→p; EMA: e,p→e), and an expert weight is read in the forward and in the backward pass and its
+# gradient written once.
+UPDATE_ARRAYS_PER_PARAM = 17
 EXPERT_WEIGHT_PASSES = 3
 
 

@@ -41,15 +41,13 @@ _BATCH = flags.DEFINE_integer('batch_size', 64, 'images per model call in the fg
 
 
 
-def _prompts_and_records(value: str | None, default: str):
-  """(prompts, records or None) from --prompts: a JSONL file of GenEval records, else ';'-separated text."""
+def _prompts_and_records(value: str | None, default: str | None):
+  """(prompts, records or None) from --prompts: a JSONL file of GenEval records, else ';'-separated text
+  (`default` when the flag is not given)."""
   if value and (value.endswith('.jsonl') or Path(value).is_file()):
     records = geneval_rules.read_records(value)
     return [r['prompt'] for r in records], records
-  prompts = [p.strip() for p in (value or default).split(';') if p.strip()]
-  if not prompts:
-    raise errors.UsageError(f'--prompts={value!r} holds no prompt')
-  return prompts, None
+  return cflags.prompt_list(_PROMPTS, default), None
 
 
 def main(argv):
@@ -60,18 +58,17 @@ def main(argv):
   cflags.at_least(_SCENES, 0)
   if not 0.0 < _MIN_FG.value <= 1.0:
     raise errors.UsageError(f'--min_fg={_MIN_FG.value} is invalid: expected a fraction in (0, 1]')
-  if _CFG_SCALE.value is not None and _CFG_SCALE.value < 0:
-    raise errors.UsageError(f'--cfg_scale={_CFG_SCALE.value} is invalid: expected a number >= 0')
+  cflags.at_least(_CFG_SCALE, 0.0)
   cflags.quiet_logging()
   check_out = functools.partial(outputs.check_output, flag='--out', folder=True, run_subdir='analysis',
                                 ours=outputs.folder_with('analysis.json', outputs.json_with('prompts', 'summary')))
   if _OUT.value:   # before the run is restored; the default folder (the run's analysis/) once its step is known
     check_out(_OUT.value)
   with cflags.translate():
-    if _PROMPTS.value:   # a bad prompts file fails before the model is loaded
-      prompts, records = _prompts_and_records(_PROMPTS.value, '')
+    if _PROMPTS.value is not None:   # bad or empty prompts fail before the model is loaded
+      prompts, records = _prompts_and_records(_PROMPTS.value, None)
     run = routing_analysis.load_run(_WORKDIR.value, ema=_EMA.value)
-    if not _PROMPTS.value:
+    if _PROMPTS.value is None:
       prompts, records = _prompts_and_records(None, run.cfg.sample.prompts)
   out = check_out(Path(_OUT.value) if _OUT.value else run.workdir / 'analysis' / f'step_{run.step:07d}')
   with cflags.translate():

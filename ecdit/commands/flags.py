@@ -47,13 +47,23 @@ def condense(msg: str) -> str:
 
 
 def _unknown_key_message(e: BaseException, argv) -> str:
-  """Names the override that failed: config_flags reports unknown keys as a bare KeyError/AttributeError."""
+  """Names the override that failed: config_flags reports unknown keys as a bare KeyError/AttributeError.
+
+  The override is the one whose path the error names (`(in: train.num_stepz)`), else the one with a key the
+  error mentions as a word; the "did you mean" part is not searched (it names a valid key, maybe another
+  override's)."""
   raw = str(e)
   hint = re.search(r'Did you mean "([^"]+)"', raw)
+  body = raw[:hint.start()] if hint else raw
   hint = f' (did you mean {hint.group(1)!r}?)' if hint else ''
-  for arg in argv:
-    name = arg.lstrip('-').split('=', 1)[0]
-    if name.startswith('config.') and name.rsplit('.', 1)[-1] in raw:
+  where = re.search(r'\(in: ([\w.]+)\)', body)
+  names = [arg.lstrip('-').split('=', 1)[0] for arg in argv]
+  names = [n for n in names if n.startswith('config.')]
+  for name in names:
+    if where and name == f'config.{where.group(1)}':
+      return f'--{name}: unknown config key {name[len("config."):]!r}{hint}'
+  for name in names:
+    if any(re.search(rf'(?<![\w.]){re.escape(part)}(?![\w])', body) for part in name.split('.')[1:]):
       return f'--{name}: unknown config key {name[len("config."):]!r}{hint}'
   return f'--config: {one_line(e)}'
 
@@ -143,10 +153,21 @@ def require(*holders: flags.FlagHolder, why: str = '') -> None:
       raise errors.UsageError(f'--{h.name} is required{why}')
 
 
-def at_least(holder: flags.FlagHolder, minimum: int) -> None:
-  """An integer flag, when given, is >= minimum."""
+def at_least(holder: flags.FlagHolder, minimum: int | float) -> None:
+  """A number flag, when given, is >= minimum (an integer flag: an int minimum; a float flag: a float one)."""
   if holder.value is not None and holder.value < minimum:
-    raise errors.UsageError(f'--{holder.name}={holder.value} is invalid: expected an integer >= {minimum}')
+    kind = f'a number >= {minimum:g}' if isinstance(minimum, float) else f'an integer >= {minimum}'
+    raise errors.UsageError(f'--{holder.name}={holder.value} is invalid: expected {kind}')
+
+
+def prompt_list(holder: flags.FlagHolder, default: str | None = None) -> list[str]:
+  """The ';'-separated prompts of a --prompts flag, blanks dropped. `default` (a run's sample.prompts) is used
+  only when the flag was not given: a given but empty --prompts is an error, never the default."""
+  text = default if holder.value is None else holder.value
+  prompts = [p.strip() for p in (text or '').split(';') if p.strip()]
+  if not prompts:
+    raise errors.UsageError(f'--{holder.name}={holder.value!r} holds no prompt: expected a \';\'-separated list')
+  return prompts
 
 
 def quiet_logging() -> None:

@@ -53,6 +53,7 @@ def _model_dict() -> dict:
 
 def main(argv):
   cflags.no_arguments(argv)
+  cflags.at_least(_EXPERTS, 1)   # named here: folded into the preset name, ModelConfig would blame model.size
   model = _model_dict()
   with cflags.translate():   # a bad preset or model key, named by ModelConfig
     result = params_lib.report(model, model.get('size'))

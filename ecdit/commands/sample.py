@@ -13,7 +13,6 @@ from pathlib import Path
 
 from absl import flags
 
-from ecdit import errors
 from ecdit import outputs
 from ecdit.commands import flags as cflags
 from ecdit.diffusion import sampler as sampler_lib
@@ -36,6 +35,8 @@ def main(argv):
   workdir = Path(_WORKDIR.value)
   cflags.at_least(_REPEAT, 1)
   cflags.at_least(_STEPS, 1)
+  cflags.at_least(_CFG_SCALE, 0.0)
+  given = cflags.prompt_list(_PROMPTS) if _PROMPTS.value is not None else None   # an empty one: an error
   cflags.quiet_logging()
   # Checked before the restore; the default <workdir>/samples/ is the run's own output folder.
   check_out = functools.partial(outputs.check_output, flag='--out', ours=outputs.png_from_ecdit,
@@ -44,9 +45,7 @@ def main(argv):
     check_out(_OUT.value)
   with cflags.translate():   # WorkdirError, ConfigError
     cfg = workdir_lib.load_run_config(workdir)
-    prompts = [p.strip() for p in (_PROMPTS.value or cfg.sample.prompts).split(';') if p.strip()]
-    if not prompts:
-      raise errors.UsageError('--prompts is empty')
+    prompts = given or cflags.prompt_list(_PROMPTS, cfg.sample.prompts)
     run = workdir_lib.restore(workdir, ema=_EMA.value)
   step, seed = run.step, cfg.sample.seed if _SEED.value is None else _SEED.value
   out = check_out(Path(_OUT.value) if _OUT.value else workdir / 'samples' / f'sample_{step:07d}.png')

@@ -74,7 +74,8 @@ def base_config() -> ml_collections.ConfigDict:
   t.momentum = 0.9                 # RMSProp momentum
   t.grad_clip = 1.0                # global-norm clipping; 0 disables
   t.ema_decay = 0.999              # EMA of parameters, warm-up min(decay, (1+n)/(10+n)); 0: ema = params
-  t.nan_policy = 'skip'            # non-finite loss/grads: 'skip' the update (and count) or 'stop'
+  t.nan_policy = 'skip'            # non-finite loss/grads/update: 'skip' the update (and count) or 'stop'
+  t.max_skipped_steps = 10         # 'skip' stops the run after this many consecutive skipped steps; 0: never
   t.remat = 'none'                 # rematerialise each scanned unit: 'none' | 'full' | 'dots' | 'save_moe'
   t.log_every = 50
   t.checkpoint_every = 500         # and always at the end
@@ -213,7 +214,7 @@ def validate(cfg) -> ModelConfig:
     _fail('name', cfg.name, 'a non-empty name without "/"')
   for k in ('num_steps', 'batch_size', 'log_every', 'checkpoint_every', 'keep_checkpoints'):
     integer(f'train.{k}')
-  for k in ('warmup_steps', 'sample_every'):
+  for k in ('warmup_steps', 'sample_every', 'max_skipped_steps'):
     integer(f'train.{k}', lo=0)
   choice('train.optimizer', OPTIMIZERS)
   choice('train.schedule', SCHEDULES)

@@ -218,6 +218,7 @@ def export_diffusers(workdir: str | Path, out_dir: str | Path, *, ema: bool = Fa
     (tmp / 'ecdit_export.json').write_text(json.dumps({'source': source, 'model': mcfg.to_dict()}, indent=2,
                                                       sort_keys=True) + '\n')
     (tmp / 'README.md').write_text(model_card(mcfg, source, run.cfg.sample, bool(vae_dir)))
+    weights.follow_umask(tmp)   # mkdtemp's folder is 0700, the safetensors files 0600
     if out.exists():
       shutil.rmtree(out)
     tmp.rename(out)

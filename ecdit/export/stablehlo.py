@@ -33,6 +33,14 @@ from ecdit.models.text import text_states_dim
 
 VELOCITY_FILE = 'velocity.jax_exported'
 SAMPLER_FILE = 'sampler.jax_exported'
+PLATFORMS = ('cpu', 'cuda', 'rocm', 'tpu')   # what jax.export lowers for
+
+
+def check_platforms(platforms: Sequence[str]) -> None:
+  """At least one platform, each one jax.export can lower for; ExportError names the bad one."""
+  bad = [p for p in platforms if p not in PLATFORMS]
+  if bad or not platforms:
+    raise ExportError(f'--platforms={",".join(platforms)} is invalid: expected one or more of {list(PLATFORMS)}')
 
 
 def _text_spec(cfg: ModelConfig, batch):

@@ -12,7 +12,6 @@ import flax.linen as nn
 import numpy as np
 from absl import logging
 
-from ecdit import errors
 from ecdit import outputs
 from ecdit import parallel
 from ecdit.config import experiment as config_lib
@@ -25,11 +24,8 @@ from ecdit.train import frozen
 from ecdit.train import optim
 from ecdit.train import state as state_lib
 from ecdit.train.metrics import MetricsWriter, Progress, Timer
+from ecdit.train.skips import NonFiniteLossError, SkipGuard  # noqa: F401 (the error loop.train raises)
 from ecdit.train.step import jit_train_step, make_train_step
-
-
-class NonFiniteLossError(errors.RunError, RuntimeError):
-  pass
 
 
 @dataclasses.dataclass
@@ -208,7 +204,8 @@ def train(cfg, workdir: str | Path, *, progress: bool = True, data_fn=None, devi
   compile_s, steady_t0, steady_from = 0.0, None, start
   last_logged: dict = {}
   compiled = None
-  prev_loss = None
+  guard = SkipGuard(t.nan_policy, t.max_skipped_steps, lambda: ckpt.steps()[-1] if ckpt.steps() else None)
+  pending = None   # (step, finite flag) of the step in flight
   try:
     for i in range(start, t.num_steps):
       batch = batch_lib.step_inputs(next(data_iter))
@@ -221,14 +218,14 @@ def train(cfg, workdir: str | Path, *, progress: bool = True, data_fn=None, devi
       state, m = compiled(state, batch)
       step = i + 1
       # Keep at most one step in flight: the host never runs far ahead of the device, so the progress
-      # bar and steps/s show real progress.
-      if prev_loss is not None:
-        jax.block_until_ready(prev_loss)
-      prev_loss = m['loss']
-      if t.nan_policy == 'stop' and not bool(m['finite']):
-        raise NonFiniteLossError(
-            f'non-finite loss or gradients at step {step} (train.nan_policy=stop); the update was not applied. '
-            f'Last checkpoint: {ckpt.steps()[-1] if ckpt.steps() else "none"}')
+      # bar and steps/s show real progress. Waiting for the previous step is reading its finite flag.
+      if pending is not None:
+        guard(pending[0], bool(pending[1]))
+      pending = (step, m['finite'])
+      save_now = step % t.checkpoint_every == 0 or step == t.num_steps
+      if guard.stop_at_first or save_now:   # 'stop' at once; a step about to be saved is counted first
+        guard(step, bool(m['finite']))
+        pending = None
       if steady_t0 is None:
         jax.block_until_ready(m['loss'])
         steady_t0, steady_from = time.perf_counter(), step
@@ -242,7 +239,7 @@ def train(cfg, workdir: str | Path, *, progress: bool = True, data_fn=None, devi
         if last_logged.get('skipped'):
           logging.warning('%d update(s) skipped so far for non-finite loss', last_logged['skipped'])
       bar.update(1, loss=last_logged.get('loss') if log_now else None)
-      if step % t.checkpoint_every == 0 or step == t.num_steps:
+      if save_now:
         ckpt.save(step, state, data_iter.get_state(), resolved)
       if (t.sample_every and step % t.sample_every == 0) or (step == t.num_steps and t.final_sample):
         last_sample = do_preview(step)

@@ -11,12 +11,17 @@ from typing import Any, Mapping
 import numpy as np
 
 
+def _finite_or_none(x: float) -> float | None:
+  return x if math.isfinite(x) else None
+
+
 def _to_python(v):
+  """A JSON value: bools and ints as they are, floats as Python floats, NaN and ±inf as None."""
   a = np.asarray(v)
   if a.ndim == 0:
     x = a.item()
-    return x if isinstance(x, (bool, int)) else float(x)
-  return a.astype(np.float64).tolist()
+    return x if isinstance(x, (bool, int)) else _finite_or_none(float(x))
+  return [_to_python(x) for x in a.astype(np.float64)]   # vectors (nested lists for more dimensions) of floats
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
@@ -49,7 +54,8 @@ def _import_summary_writer():
 
 class MetricsWriter:
   """Appends one JSON object per logged step (floats at full precision: Python's repr round-trips) and
-  mirrors scalars to TensorBoard. On resume from step S, records after S (logged by the killed run
+  mirrors scalars to TensorBoard. The file is strict JSON: a non-finite value (the loss of a skipped step,
+  the rate of the first step) is written as null, never as NaN or Infinity. On resume from step S, records after S (logged by the killed run
   after its last checkpoint) are dropped first, so the file reads as one uninterrupted run."""
 
   def __init__(self, workdir: str | Path, start_step: int = 0, tensorboard: bool = True, enabled: bool = True):
@@ -76,7 +82,7 @@ class MetricsWriter:
     record.update({k: _to_python(v) for k, v in metrics.items()})
     if self._file is None:
       return record
-    self._file.write(json.dumps(record) + '\n')
+    self._file.write(json.dumps(record, allow_nan=False) + '\n')
     self._file.flush()
     if self._tb is not None:
       for k, v in record.items():

@@ -13,7 +13,7 @@ from ecdit import parallel
 from ecdit.diffusion import flow
 from ecdit.models import stack
 from ecdit.train import update as update_lib
-from ecdit.train.state import TrainState, ema_decay_at, ema_update, step_key
+from ecdit.train.state import TrainState, all_finite, ema_decay_at, ema_update, step_key
 
 
 MAX_LOGGED_VECTOR = 16
@@ -52,9 +52,11 @@ def make_train_step(model, tx: optax.GradientTransformation, lr_schedule: optax.
                     fused: bool | None = None) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
   """The pure step. Per-step randomness is fold_in(seed key, step), so a resumed run repeats it exactly.
 
-  A non-finite loss or gradient norm leaves params, optimizer state and EMA unchanged (the step counter
-  still advances and `skipped` counts it); metrics['finite'] tells the loop, which stops under
-  nan_policy='stop'. Either way a non-finite state is never produced, so never checkpointed.
+  A non-finite loss or gradient norm, or an update that would make the parameters non-finite (an overflow),
+  leaves params, optimizer state and EMA unchanged (the step counter still advances and `skipped` counts
+  it); metrics['finite'] tells the loop, which stops under nan_policy='stop', or after
+  train.max_skipped_steps consecutive skips under 'skip'. Either way a non-finite state is never produced,
+  so never checkpointed. The skip is a select: a finite step's arithmetic does not depend on it.
 
   AdamW (the default) takes the fused update of `ecdit.train.update` (same numbers as the optax chain, a
   fraction of its memory traffic); other optimizers go through optax.
@@ -76,14 +78,15 @@ def make_train_step(model, tx: optax.GradientTransformation, lr_schedule: optax.
     grad_norm = optax.global_norm(grads)
     decay = ema_decay_at(state.step, ema_decay)
     if fused:
-      finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)  # finite grads and state ⇒ finite AdamW update
-      params, opt_state, ema = update_lib.fused_adamw_ema(t, lr_schedule, grads, grad_norm, finite, state.params,
-                                                          state.opt_state, state.ema_params, decay)
+      finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)   # and, checked there, the new parameters
+      params, opt_state, ema, finite = update_lib.fused_adamw_ema(t, lr_schedule, grads, grad_norm, finite,
+                                                                  state.params, state.opt_state,
+                                                                  state.ema_params, decay)
     else:
       updates, opt_state = tx.update(grads, state.opt_state, state.params)
       params = optax.apply_updates(state.params, updates)
       ema = ema_update(state.ema_params, params, decay)
-      finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.global_norm(updates))
+      finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite(params)   # an overflow too
 
       def pick(new, old):
         return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
