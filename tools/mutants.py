@@ -50,10 +50,10 @@ MUTANTS = [
     dict(id='modulate-swap', file='ecdit/layers/dit.py',
          old='return x * (1 + scale[:, None, :]) + shift[:, None, :]',
          new='return x * (1 + shift[:, None, :]) + scale[:, None, :]',
-         tests=['tests/test_layers.py', 'tests/test_model.py'], why='modulate(x, shift, scale) = x(1+scale)+shift'),
+         tests=['tests/test_dit_reference.py', 'tests/test_layers.py'], why='modulate(x, shift, scale) = x(1+scale)+shift'),
     dict(id='ffn-attention-gate', file='ecdit/layers/dit.py',
          old='x = x + gate_ff[:, None, :] * out', new='x = x + gate_sa[:, None, :] * out',
-         tests=['tests/test_layers.py', 'tests/test_model.py'], why='each branch has its own adaLN gate'),
+         tests=['tests/test_dit_reference.py', 'tests/test_layers.py'], why='each branch has its own adaLN gate'),
     dict(id='position-after-gather', file='ecdit/models/ecdit.py',
          old='''    tokens = tokens + jnp.asarray(sincos_pos_embed_2d(cfg.width, cfg.grid_size), dtype)[None]
     if keep_idx is not None:                                                                   # [B, K, d]
@@ -61,7 +61,7 @@ MUTANTS = [
          new='''    if keep_idx is not None:                                                                   # [B, K, d]
       tokens = jnp.take_along_axis(tokens, keep_idx.astype(jnp.int32)[:, :, None], axis=1)
     tokens = tokens + jnp.asarray(sincos_pos_embed_2d(cfg.width, cfg.grid_size), dtype)[None, :tokens.shape[1]]''',
-         tests=['tests/test_model.py', 'tests/test_flow.py'], why='kept tokens keep their true positions'),
+         tests=['tests/test_train_paths.py', 'tests/test_flow.py'], why='kept tokens keep their true positions'),
     # ---- flow ------------------------------------------------------------------------------------------------
     dict(id='interpolate-reversed', file='ecdit/diffusion/flow.py',
          old='return t * noise + (1.0 - t) * x0', new='return t * x0 + (1.0 - t) * noise',
@@ -87,12 +87,13 @@ MUTANTS = [
          old='u = (m / correct1.astype(m.dtype))', new='u = (m)',
          tests=['tests/test_train_update.py'], why="AdamW divides m by 1-b1^t (optax's bias correction)"),
     dict(id='ema-decay-flipped', file='ecdit/train/update.py',
-         old='e = (decay * e + (1.0 - decay) * p).astype(e.dtype)', new='e = ((1.0 - decay) * e + decay * p).astype(e.dtype)',
+         old="e = (k['decay'] * e + (1.0 - k['decay']) * p).astype(e.dtype)",
+         new="e = ((1.0 - k['decay']) * e + k['decay'] * p).astype(e.dtype)",
          tests=['tests/test_train_update.py', 'tests/test_train.py'], why='EMA keeps decay of the old average'),
     dict(id='skip-ignores-grad-norm', file='ecdit/train/step.py',
-         old='finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)  # finite grads',
-         new='finite = jnp.isfinite(loss)  # finite grads',
-         tests=['tests/test_train.py', 'tests/test_train_update.py'], why='a non-finite gradient skips the step'),
+         old='finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)   # and, checked there',
+         new='finite = jnp.isfinite(loss)   # and, checked there',
+         tests=['tests/test_train_paths.py', 'tests/test_train_update.py'], why='a non-finite gradient skips the step'),
     # ---- checkpoint / pipeline -------------------------------------------------------------------------------
     dict(id='restore-oldest-first', file='ecdit/train/checkpoint.py',
          old='for step in reversed(steps):', new='for step in steps:',
@@ -103,7 +104,7 @@ MUTANTS = [
     # ---- export / eval ---------------------------------------------------------------------------------------
     dict(id='export-no-transpose', file='ecdit/export/weights.py',
          old='  return np.swapaxes(x, -1, -2)\n', new='  return np.asarray(x)\n',
-         tests=['tests/test_export.py'], why='files hold kernels in torch nn.Linear [out, in] layout'),
+         tests=['tests/test_dit_reference.py', 'tests/test_export.py'], why='files hold kernels in torch nn.Linear [out, in] layout'),
     dict(id='geneval-left-threshold', file='ecdit/eval/geneval_rules.py',
          old="  if dx < -0.5:\n    rels.add('left of')", new="  if dx < 0.5:\n    rels.add('left of')",
          tests=['tests/test_eval_shapes.py'], why="GenEval's position dead zone"),
