@@ -80,8 +80,8 @@ def check_train_workdir(workdir: Path, resolved_model: dict) -> None:
   """Training may write `workdir`: it does not exist yet, is empty, or is a run of the same model."""
   workdir = Path(workdir)
   if not workdir.exists():
-    if enclosing_run(workdir) is not None:
-      raise WorkdirError(f'--workdir={workdir} is inside the ecdit run {enclosing_run(workdir)}; '
+    if (run := enclosing_run(workdir)) is not None:
+      raise WorkdirError(f'--workdir={workdir} is inside the ecdit run {run}; '
                          'train into a directory outside other runs')
     return
   if not workdir.is_dir():
@@ -149,7 +149,7 @@ def check_output(path, flag: str, *, folder: bool = False, ours: Callable[[Path]
   shown = f'{flag}={path}'
   run = enclosing_run(path)
   in_own_folder = run is not None and run_subdir is not None and \
-      Path(path).absolute().is_relative_to(run / run_subdir)
+      path.absolute().is_relative_to(run / run_subdir)
   if run is not None and not in_own_folder:
     raise OutputError(f'{shown} is inside the ecdit run {run}; write outputs outside a training run\'s workdir')
   if path.exists():

@@ -35,9 +35,9 @@ def _prior(shape: tuple[int, ...]) -> tuple[int, ...]:
   return (-expert, model, fsdp)
 
 
-def candidates(cfg, devices: Sequence[Any]) -> tuple[list[tuple[int, ...]], dict[tuple[int, ...], str]]:
+def candidates(cfg, devices: Sequence[Any], mcfg=None) -> tuple[list[tuple[int, ...]], dict[tuple[int, ...], str]]:
   """(meshes that divide the model and batch, in the order to try; {mesh: why not} for the rest)."""
-  mcfg = config_lib.validate(cfg)
+  mcfg = mcfg or config_lib.validate(cfg)
   fit, rejected = [], {}
   for shape in factorisations(len(devices)):
     mesh = parallel.make_mesh(dict(zip(parallel.AXES, shape)), list(devices))
@@ -54,8 +54,9 @@ def search(cfg, *, devices: Sequence[Any], chip: str, limit: int = 6) -> dict[st
   """Plans the first `limit` (mesh, remat) candidates; returns {'rows': plans best first, 'best', counts}."""
   if limit < 1:
     raise ValueError(f'--search_limit={limit} is invalid: expected an integer >= 1')
-  meshes, rejected = candidates(cfg, devices)
-  remats = SEARCH_REMATS if config_lib.validate(cfg).scan_layers else ('none',)
+  mcfg = config_lib.validate(cfg)
+  meshes, rejected = candidates(cfg, devices, mcfg)
+  remats = SEARCH_REMATS if mcfg.scan_layers else ('none',)
   pairs = list(itertools.islice(itertools.product(meshes, remats), limit))
   rows = []
   for shape, remat in pairs:

@@ -144,10 +144,10 @@ def check_layout_matches_run(workdir: Path, mcfg) -> None:
   steps = (workdir / 'checkpoints').glob('[0-9]*')
   if not previous.is_file() or not any(p.is_dir() for p in steps):
     return
-  try:
-    was = bool(json.loads(previous.read_text()).get('resolved_model', {}).get('scan_layers', False))
-  except (OSError, ValueError):
+  model = outputs.previous_model(workdir)
+  if model is None:
     return   # an unreadable config.json: the checkpoint restore reports what is wrong
+  was = bool(model.get('scan_layers', False))
   if was != mcfg.scan_layers:
     raise config_lib.ConfigError(
         f'model.scan_layers={mcfg.scan_layers} does not match the checkpoints in {workdir} (trained with '
@@ -204,7 +204,7 @@ def train(cfg, workdir: str | Path, *, progress: bool = True, data_fn=None, devi
   compile_s, steady_t0, steady_from = 0.0, None, start
   last_logged: dict = {}
   compiled = None
-  guard = SkipGuard(t.nan_policy, t.max_skipped_steps, lambda: ckpt.steps()[-1] if ckpt.steps() else None)
+  guard = SkipGuard(t.nan_policy, t.max_skipped_steps, lambda: (ckpt.steps() or [None])[-1])
   pending = None   # (step, finite flag) of the step in flight
   try:
     for i in range(start, t.num_steps):

@@ -13,7 +13,7 @@ from ecdit import errors
 
 
 class NonFiniteLossError(errors.RunError, RuntimeError):
-  pass
+  """The non-finite policy stopped the run (one line: the steps, the policy, the last checkpoint)."""
 
 
 class SkipGuard:
