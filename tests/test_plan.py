@@ -49,9 +49,12 @@ def planned_config(scan: bool, remat: str = 'none'):
   return c
 
 
+_plan = plan.plan   # the real planner, also when a test stands in for it
+
+
 @functools.lru_cache(maxsize=None)
 def planned(scan: bool, remat: str = 'none'):
-  return plan.plan(planned_config(scan, remat), devices=jax.devices()[:8], chip='v5e')
+  return _plan(planned_config(scan, remat), devices=jax.devices()[:8], chip='v5e')
 
 
 def test_scanned_and_unrolled_steps_account_the_same_collectives():
@@ -101,8 +104,18 @@ def test_search_candidates_divide_and_come_experts_first():
   assert rejected[(1, 1, 8, 1)].startswith('model.num_experts=4 is not divisible by mesh expert=8')
 
 
-def test_search_plans_the_first_candidates_best_first():
+def test_search_plans_the_first_candidates_best_first(monkeypatch):
+  asked = []
+
+  def cached_plan(c, *, devices, chip):   # the search's (mesh, remat) reach the planner; compiled once per file
+    mesh = tuple(c.mesh[a] for a in ('data', 'fsdp', 'expert', 'model'))
+    asked.append((mesh, c.train.remat))
+    assert mesh == (2, 1, 4, 1) and chip == 'v5e' and len(devices) == 8 and c.model.scan_layers
+    return planned(True, c.train.remat)
+
+  monkeypatch.setattr(mesh_search.plan_lib, 'plan', cached_plan)
   s = mesh_search.search(planned_config(True), devices=jax.devices()[:8], chip='v5e', limit=2)
+  assert asked == [((2, 1, 4, 1), 'save_moe'), ((2, 1, 4, 1), 'none')]
   assert s['planned'] == 2 and s['candidates'] == 15 * 3
   assert [(tuple(p['mesh'].values()), p['remat']) for p in s['rows']] in (
       [((2, 1, 4, 1), 'save_moe'), ((2, 1, 4, 1), 'none')], [((2, 1, 4, 1), 'none'), ((2, 1, 4, 1), 'save_moe')])

@@ -18,8 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-_kernel_init = nn.initializers.xavier_uniform()
-_zeros = nn.initializers.zeros_init()
+from ecdit.layers.dense import logical_dense, xavier, zeros
 
 
 def _softmax(logits: jax.Array) -> jax.Array:
@@ -109,10 +108,8 @@ class Attention(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
-  def _dense(self, features: int, axes: tuple[str, str], name: str, kernel_init: Callable = _kernel_init):
-    return nn.Dense(features, dtype=self.dtype, param_dtype=self.param_dtype, name=name,
-                    kernel_init=nn.with_logical_partitioning(kernel_init, axes),
-                    bias_init=nn.with_logical_partitioning(_zeros, axes[1:]))
+  def _dense(self, features: int, axes: tuple[str, str], name: str, kernel_init: Callable = xavier):
+    return logical_dense(features, axes, name, self.dtype, self.param_dtype, kernel_init)
 
   @nn.compact
   def __call__(self, x: jax.Array, context: jax.Array | None = None, key_mask: jax.Array | None = None
@@ -135,5 +132,5 @@ class Attention(nn.Module):
                                    ('batch', 'length', 'kv')).reshape(b, lk, kv, hd)
     out = dot_product_attention(q, k, v, key_mask).reshape(b, lq, h * hd)
     out = nn.with_logical_constraint(out, ('batch', 'length', 'heads'))
-    out_init = _zeros if self.zero_init_out else _kernel_init
+    out_init = zeros if self.zero_init_out else xavier
     return self._dense(self.out_features, ('heads', 'embed'), 'out', out_init)(out)

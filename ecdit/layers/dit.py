@@ -29,21 +29,13 @@ from jax.ad_checkpoint import checkpoint_name
 
 from ecdit.config.model import ModelConfig
 from ecdit.layers.attention import Attention
+from ecdit.layers.dense import logical_dense, zeros
 from ecdit.layers.moe import make_ffn
 
 TIME_SCALE = 1000.0
 TIME_FREQ_DIM = 256
 LN_EPS = 1e-6
 MOE_OUT = 'moe_out'   # checkpoint name of a sparse block's FFN output
-
-_kernel_init = nn.initializers.xavier_uniform()
-_zeros = nn.initializers.zeros_init()
-
-
-def _dense(features: int, axes: tuple[str, str], name: str, dtype, param_dtype, kernel_init=_kernel_init):
-  return nn.Dense(features, dtype=dtype, param_dtype=param_dtype, name=name,
-                  kernel_init=nn.with_logical_partitioning(kernel_init, axes),
-                  bias_init=nn.with_logical_partitioning(_zeros, axes[1:]))
 
 
 # ---- patches ------------------------------------------------------------------------------------------
@@ -106,9 +98,9 @@ class TimestepEmbedder(nn.Module):
   @nn.compact
   def __call__(self, t: jax.Array) -> jax.Array:
     h = nn.with_logical_constraint(timestep_embedding(t).astype(self.dtype), ('batch', 'patch'))
-    h = _dense(self.width, ('patch', 'embed'), 'fc1', self.dtype, self.param_dtype)(h)
+    h = logical_dense(self.width, ('patch', 'embed'), 'fc1', self.dtype, self.param_dtype)(h)
     h = nn.with_logical_constraint(nn.silu(h), ('batch', 'embed'))
-    return _dense(self.width, ('embed', 'embed'), 'fc2', self.dtype, self.param_dtype)(h)
+    return logical_dense(self.width, ('embed', 'embed'), 'fc2', self.dtype, self.param_dtype)(h)
 
 
 class PatchEmbed(nn.Module):
@@ -121,7 +113,7 @@ class PatchEmbed(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     tokens = patchify(x, self.patch_size).astype(self.dtype)
-    return _dense(self.width, ('patch', 'embed'), 'proj', self.dtype, self.param_dtype)(tokens)
+    return logical_dense(self.width, ('patch', 'embed'), 'proj', self.dtype, self.param_dtype)(tokens)
 
 
 # ---- adaLN-Zero ---------------------------------------------------------------------------------------
@@ -140,8 +132,8 @@ class AdaLNModulation(nn.Module):
 
   @nn.compact
   def __call__(self, c: jax.Array) -> list[jax.Array]:
-    out = _dense(self.chunks * self.width, ('embed', 'cond'), 'proj', self.dtype, self.param_dtype,
-                 kernel_init=_zeros)(nn.silu(c))
+    out = logical_dense(self.chunks * self.width, ('embed', 'cond'), 'proj', self.dtype, self.param_dtype,
+                        kernel_init=zeros)(nn.silu(c))
     # Gathered whole over 'model' once, before the split: the weight's 'cond' split would otherwise put
     # whole chunks on one 'model' device, and each chunk would be moved separately.
     out = nn.with_logical_constraint(out, ('batch', None))
@@ -152,7 +144,7 @@ def _norm(name: str, dtype, param_dtype, affine: bool = False):
   return nn.LayerNorm(epsilon=LN_EPS, use_bias=affine, use_scale=affine, dtype=dtype,
                       param_dtype=param_dtype, name=name,
                       scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ('embed',)),
-                      bias_init=nn.with_logical_partitioning(_zeros, ('embed',)))
+                      bias_init=nn.with_logical_partitioning(zeros, ('embed',)))
 
 
 # ---- the block ----------------------------------------------------------------------------------------
@@ -196,4 +188,4 @@ class FinalLayer(nn.Module):
     dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     shift, scale = AdaLNModulation(cfg.width, 2, dtype, pdtype, name='adaln')(c)
     h = modulate(_norm('norm', dtype, pdtype)(x), shift, scale)
-    return _dense(cfg.patch_dim, ('embed', 'patch'), 'proj', dtype, pdtype, kernel_init=_zeros)(h)
+    return logical_dense(cfg.patch_dim, ('embed', 'patch'), 'proj', dtype, pdtype, kernel_init=zeros)(h)

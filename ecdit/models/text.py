@@ -20,9 +20,9 @@ import jax
 import jax.numpy as jnp
 
 from ecdit.layers.attention import Attention
+from ecdit.layers.dense import logical_dense
 from ecdit.config.model import ModelConfig
 
-_kernel_init = nn.initializers.xavier_uniform()
 _zeros = nn.initializers.zeros_init()
 
 
@@ -56,10 +56,7 @@ class TextBlock(nn.Module):
         epsilon=1e-5, dtype=dtype, param_dtype=pdtype, name=name,
         scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ('text_embed',)),
         bias_init=nn.with_logical_partitioning(_zeros, ('text_embed',)))
-    dense = lambda f, axes, name: nn.Dense(  # noqa: E731
-        f, dtype=dtype, param_dtype=pdtype, name=name,
-        kernel_init=nn.with_logical_partitioning(_kernel_init, axes),
-        bias_init=nn.with_logical_partitioning(_zeros, axes[1:]))
+    dense = lambda f, axes, name: logical_dense(f, axes, name, dtype, pdtype)  # noqa: E731
     heads = cfg.text_heads
     # Attention's parameter axes say 'embed'; rename is not needed for counting, and the text encoder is
     # small enough to replicate (the sharding rules map 'embed' consistently either way).

@@ -13,13 +13,14 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from ecdit.layers.dense import logical_dense
+
 # tanh-approximate GeLU, as in the DiT and PixArt-α FFNs (PyTorch `nn.GELU(approximate='tanh')`); an exported
 # model must use the same approximation.
 GELU_APPROXIMATE = True
 EXPERT_IN, EXPERT_OUT = 'moe_expert_in', 'moe_expert_out'   # checkpoint names (ecdit.models.stack)
 
 # Linear layers are Xavier-uniform with zero bias, as DiT initialises every nn.Linear.
-kernel_init = nn.initializers.xavier_uniform()
 # Stacked experts [E, in, out]: fan-in/fan-out per expert, not across experts.
 expert_kernel_init = nn.initializers.xavier_uniform(in_axis=-2, out_axis=-1, batch_axis=(0,))
 
@@ -39,9 +40,7 @@ class DenseFFN(nn.Module):
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
     del train
     def dense(features, axes, name):
-      return nn.Dense(features, dtype=self.dtype, param_dtype=self.param_dtype, name=name,
-                      kernel_init=nn.with_logical_partitioning(kernel_init, axes),
-                      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), axes[1:]))
+      return logical_dense(features, axes, name, self.dtype, self.param_dtype)
     h = gelu(dense(self.hidden, ('embed', 'mlp'), 'wi')(x))
     return dense(self.width, ('mlp', 'embed'), 'wo')(h)
 
