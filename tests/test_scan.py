@@ -9,6 +9,7 @@ import functools
 
 import flax.linen as nn
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -169,3 +170,29 @@ def test_export_names_and_parameter_counts_do_not_depend_on_the_layout():
   back = weights_lib.import_params(flat, scan_cfg)   # the file → the scanned layout
   np.testing.assert_array_equal(back['blocks']['block_1']['moe']['wi'][1], params['block_3']['moe']['wi'])
   assert params_lib.count(scan_cfg) == params_lib.count(cfg_of('ec', False))
+
+
+def test_remat_also_recomputes_each_text_encoder_block():
+  """Any policy but 'none' wraps the scanned unit and each of the text encoder's blocks in a checkpoint: the
+  paper-size encoder (32 blocks) would otherwise keep most of a step's activations (docs/scale.md)."""
+  cfg = dataclasses.replace(BASE, scan_layers=True, text_depth=3)
+  batch = (jnp.zeros((2, 12, 12, 3)), jnp.zeros((2,)), jnp.zeros((2, 8), jnp.int32), jnp.ones((2, 8), bool),
+           jnp.zeros((2, 12, 12, 3)))
+
+  def checkpoints(remat):
+    model = ecdit_lib.build_model(cfg, remat)
+    p = nn.unbox(jax.eval_shape(lambda: ecdit_lib.init_params(model, 0)))
+    jaxpr = jax.make_jaxpr(lambda p: loss_fn(model, p, *batch)[0])(p)
+    found = []
+
+    def walk(jp):
+      for eqn in jp.eqns:
+        if eqn.primitive.name in ('checkpoint', 'remat2'):   # jax.checkpoint's primitive (named per version)
+          found.append(eqn)
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+          walk(sub)
+    walk(jaxpr.jaxpr)
+    return len(found)
+
+  assert checkpoints('none') == 0, checkpoints('none')
+  assert checkpoints('full') == 3 + 1, checkpoints('full')   # three text blocks, one scanned unit (traced once inside the scan)

@@ -24,6 +24,7 @@ from jax.sharding import Mesh
 
 from ecdit.config.model import ModelConfig
 from ecdit.layers import moe
+from ecdit.layers.dense import logical_dense
 from ecdit.layers.dit import FinalLayer, PatchEmbed, TimestepEmbedder, sincos_pos_embed_2d, unpatchify
 from ecdit.models import stack
 from ecdit.models.text import TextEncoder, text_states_dim
@@ -80,12 +81,9 @@ class ECDiT(nn.Module):
     # embedding, and reshards them at every cross-attention / adaLN (full rematerialisations).
     c = nn.with_logical_constraint(TimestepEmbedder(cfg.width, dtype, pdtype, name='t_embed')(t),
                                    ('batch', 'embed'))                                         # [B, d]
-    states = TextEncoder(cfg, name='text_encoder')(text, text_mask)                            # [B, L, D]
+    states = TextEncoder(cfg, self.remat != 'none', name='text_encoder')(text, text_mask)      # [B, L, D]
     states = nn.with_logical_constraint(states, ('batch', 'length', 'text_embed'))
-    text_proj = nn.Dense(cfg.width, dtype=dtype, param_dtype=pdtype, name='text_proj',
-                         kernel_init=nn.with_logical_partitioning(nn.initializers.xavier_uniform(),
-                                                                  ('text_embed', 'embed')),
-                         bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ('embed',)))
+    text_proj = logical_dense(cfg.width, ('text_embed', 'embed'), 'text_proj', dtype, pdtype)
     ctx = nn.with_logical_constraint(text_proj(states), ('batch', 'length', 'embed'))           # [B, L, d]
     tokens = stack.run_blocks(cfg, self.remat, tokens, c, ctx, text_mask, train=train)         # [B, S, d]
     out = FinalLayer(cfg, name='final')(tokens, c)                                             # [B, S, p·p·C]

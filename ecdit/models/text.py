@@ -67,8 +67,13 @@ class TextBlock(nn.Module):
 
 
 class TextEncoder(nn.Module):
-  """ids `[B, L]` + mask `[B, L]` → states `[B, L, text_width]` (or precomputed states passed through)."""
+  """ids `[B, L]` + mask `[B, L]` → states `[B, L, text_width]` (or precomputed states passed through).
+
+  `remat`: recompute each block in the backward pass (set with any train.remat but 'none'). The paper-size
+  encoder (32 blocks of width 1280, trained with the DiT) otherwise keeps more activations per image than the
+  whole rematerialised DiT stack (`ecdit plan`, docs/scale.md)."""
   cfg: ModelConfig
+  remat: bool = False
 
   @nn.compact
   def __call__(self, text: jax.Array, mask: jax.Array) -> jax.Array:
@@ -85,8 +90,9 @@ class TextEncoder(nn.Module):
                      (cfg.text_length, cfg.text_width), pdtype)
     act = ('batch', 'length', 'text_embed')   # batch over data·fsdp·expert, width whole
     x = nn.with_logical_constraint(tok(text) + pos[None, :length].astype(dtype), act)
+    block = nn.remat(TextBlock, prevent_cse=False) if self.remat else TextBlock
     for i in range(cfg.text_depth):
-      x = nn.with_logical_constraint(TextBlock(cfg, name=f'block_{i}')(x, mask), act)
+      x = nn.with_logical_constraint(block(cfg, name=f'block_{i}')(x, mask), act)
     return nn.LayerNorm(epsilon=1e-5, dtype=dtype, param_dtype=pdtype, name='final_norm',
                         scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ('text_embed',)),
                         bias_init=nn.with_logical_partitioning(_zeros, ('text_embed',)))(x)
