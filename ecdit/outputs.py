@@ -48,10 +48,11 @@ def run_marker(resolved_model: dict) -> str:
                      'model_sha256': model_hash(resolved_model)}, indent=2) + '\n'
 
 
-def previous_model(workdir: Path) -> dict | None:
-  """The resolved model config a run's config.json records (None: none, or unreadable)."""
+def previous_model(workdir: Path, section: str = 'resolved_model') -> dict | None:
+  """The resolved model config a run's config.json records, or another of its sections ('train'); None:
+  none, or unreadable."""
   d = _json(workdir / 'config.json')
-  model = d.get('resolved_model') if isinstance(d, dict) else None
+  model = d.get(section) if isinstance(d, dict) else None
   return model if isinstance(model, dict) else None
 
 

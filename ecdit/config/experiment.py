@@ -29,6 +29,7 @@ NAN_POLICIES = ('skip', 'stop')
 T_SAMPLINGS = ('logit_normal', 'uniform')
 SAMPLERS = ('euler', 'heun')
 REMAT_POLICIES = ('none', 'full', 'dots', 'save_moe')   # train.remat; ecdit.models.stack says what each keeps
+MOMENT_DTYPES = ('float32', 'bfloat16')   # train.moment_dtype; ecdit.train.optim.moment_dtype says what each does
 _TYPES = {'int': int, 'float': float, 'str': str, 'bool': bool}
 
 
@@ -77,6 +78,7 @@ def base_config() -> ml_collections.ConfigDict:
   t.nan_policy = 'skip'            # non-finite loss/grads/update: 'skip' the update (and count) or 'stop'
   t.max_skipped_steps = 10         # 'skip' stops the run after this many consecutive skipped steps; 0: never
   t.remat = 'none'                 # rematerialise each scanned unit: 'none' | 'full' | 'dots' | 'save_moe'
+  t.moment_dtype = 'float32'       # optimizer moments: 'float32' (optax's: the params' dtype) or 'bfloat16'
   t.log_every = 50
   t.checkpoint_every = 500         # and always at the end
   t.keep_checkpoints = 3
@@ -220,6 +222,7 @@ def validate(cfg) -> ModelConfig:
   choice('train.schedule', SCHEDULES)
   choice('train.nan_policy', NAN_POLICIES)
   choice('train.remat', REMAT_POLICIES)
+  choice('train.moment_dtype', MOMENT_DTYPES)
   number('train.learning_rate', lo=0, lo_open=True)
   number('train.end_lr_factor', lo=0, hi=1)
   number('train.weight_decay', lo=0)
@@ -270,7 +273,7 @@ def validate(cfg) -> ModelConfig:
 
 def with_defaults(saved: dict[str, Any]) -> dict[str, Any]:
   """A saved config (a run's config.json) with the keys added since it was written set to their defaults
-  (e.g. train.remat, model.scan_layers): older runs keep restoring, with the behaviour they were trained with."""
+  (e.g. train.remat, train.moment_dtype, model.scan_layers): older runs keep restoring, with the behaviour they were trained with."""
   def merge(base, over):
     out = dict(base)
     for k, v in over.items():

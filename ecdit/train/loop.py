@@ -137,9 +137,10 @@ def startup_line(setup: Setup, workdir: Path) -> str:
           f'scan_layers={setup.mcfg.scan_layers} remat={setup.cfg.train.remat}; workdir {workdir}')
 
 
-def check_layout_matches_run(workdir: Path, mcfg) -> None:
-  """A workdir's checkpoints hold the stack in the layout its run was trained with (model.scan_layers):
-  resuming with the other layout is refused before anything is read or written."""
+def check_layout_matches_run(workdir: Path, mcfg, train_cfg=None) -> None:
+  """A workdir's checkpoints hold the stack in the layout its run was trained with (model.scan_layers), and
+  (with `train_cfg`) the optimizer moments in its train.moment_dtype: resuming with another is refused before
+  anything is read or written (Orbax would otherwise cast the moments silently, or fail on the layout)."""
   previous = workdir / 'config.json'
   steps = (workdir / 'checkpoints').glob('[0-9]*')
   if not previous.is_file() or not any(p.is_dir() for p in steps):
@@ -152,6 +153,14 @@ def check_layout_matches_run(workdir: Path, mcfg) -> None:
     raise config_lib.ConfigError(
         f'model.scan_layers={mcfg.scan_layers} does not match the checkpoints in {workdir} (trained with '
         f'model.scan_layers={was}); resume with --config.model.scan_layers={was}, or use a new workdir')
+  if train_cfg is None:
+    return
+  # Runs from before the key stored float32 moments (or the parameters' dtype: the same default).
+  was = (outputs.previous_model(workdir, 'train') or {}).get('moment_dtype', 'float32')
+  if was != train_cfg.moment_dtype:
+    raise config_lib.ConfigError(
+        f'train.moment_dtype={train_cfg.moment_dtype!r} does not match the checkpoints in {workdir} (trained '
+        f'with train.moment_dtype={was!r}); resume with --config.train.moment_dtype={was}, or use a new workdir')
 
 
 def train(cfg, workdir: str | Path, *, progress: bool = True, data_fn=None, devices=None) -> dict:
@@ -166,7 +175,7 @@ def train(cfg, workdir: str | Path, *, progress: bool = True, data_fn=None, devi
   mcfg = config_lib.validate(cfg)
   resolved = resolved_config(cfg, mcfg)
   # Nothing is written before the workdir is known to be new, empty or a run of this very model.
-  check_layout_matches_run(workdir, mcfg)
+  check_layout_matches_run(workdir, mcfg, cfg.train)
   outputs.check_train_workdir(workdir, resolved['resolved_model'])
   try:
     setup = build(cfg, mcfg, devices, strict=True)

@@ -15,7 +15,9 @@ The optimizer state keeps optax's structure (`optim.make_optimizer(...).init` ma
 unchanged) and the arithmetic follows optax's op for op (scale_by_adam, add_decayed_weights,
 scale_by_learning_rate, apply_updates; clipping multiplies by max_norm/norm instead of dividing by the norm
 and multiplying by max_norm), so results agree with the optax chain to float rounding
-(tests/test_train_update.py). Only AdamW takes this path; other optimizers use optax as is.
+(tests/test_train_update.py). Only AdamW takes this path; other optimizers use optax as is. Moments stored
+in bfloat16 (train.moment_dtype) are upcast, updated in float32 and rounded back in the same loops, as
+`optim.stored_in` does for the optax chain (tests/test_mixed_precision.py).
 """
 from __future__ import annotations
 
@@ -24,6 +26,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
+
+from ecdit.train import optim
 
 
 def supports(train_cfg) -> bool:
@@ -62,6 +66,7 @@ def fused_adamw_ema(train_cfg, lr_schedule: optax.Schedule, grads, grad_norm, fi
   b1, b2, eps, wd = (float(train_cfg.b1), float(train_cfg.b2), float(train_cfg.eps),
                      float(train_cfg.weight_decay))
   max_norm = float(train_cfg.grad_clip) if train_cfg.grad_clip and train_cfg.grad_clip > 0 else None
+  store = optim.moment_dtype(train_cfg)   # None: the moments' own dtype, computed in it (the default)
 
   count = optax.safe_increment(adam.count)
   correct1 = 1 - b1 ** count          # optax's bias correction, in float32 (count ≥ 1, so never 0)
@@ -81,6 +86,8 @@ def fused_adamw_ema(train_cfg, lr_schedule: optax.Schedule, grads, grad_norm, fi
                 decay=jnp.where(ok, ema_decay, 1.0))
 
   def moments_and_param(k, ok, g, p, m, v):
+    if store is not None:   # stored in bfloat16: the arithmetic in float32, the new moments rounded at the end
+      g, m, v = (x.astype(jnp.float32) for x in (g, m, v))
     g = jnp.where(ok, g, jnp.zeros_like(g)) * k['scale'].astype(g.dtype)
     m = k['one_b1'].astype(g.dtype) * g + k['b1'].astype(m.dtype) * m
     v = k['one_b2'].astype(g.dtype) * g ** 2 + k['b2'].astype(v.dtype) * v
@@ -88,7 +95,8 @@ def fused_adamw_ema(train_cfg, lr_schedule: optax.Schedule, grads, grad_norm, fi
     u = (u + wd * p) * k['step_size'].astype(u.dtype)
     # The select, not lr = 0, keeps a skipped step's parameters: an overflowed u times 0 is NaN. It is
     # elementwise in the same loop, so the donated buffer is still updated in place.
-    return m, v, jnp.where(ok, jnp.asarray(p + u).astype(p.dtype), p)
+    p = jnp.where(ok, jnp.asarray(p + u).astype(p.dtype), p)
+    return (m, v, p) if store is None else (m.astype(store), v.astype(store), p)
 
   # Finite gradients and state can still overflow the parameters (a huge learning rate or weight decay): one
   # read-only pass computes the new parameters without storing them, and a step whose update would be
