@@ -222,6 +222,7 @@ def train(cfg, workdir: str | Path, *, progress: bool = True, data_fn=None, devi
       if pending is not None:
         guard(pending[0], bool(pending[1]))
       pending = (step, m['finite'])
+      ckpt.check()   # a checkpoint save that failed in the background stops the run at once
       save_now = step % t.checkpoint_every == 0 or step == t.num_steps
       if guard.stop_at_first or save_now:   # 'stop' at once; a step about to be saved is counted first
         guard(step, bool(m['finite']))
