@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging as py_logging
 import shutil
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -125,6 +126,11 @@ class Checkpointer:
     finalize = getattr(self.manager, '_finalize_thread', None)
     if finalize is not None:
       finalize.set(None)
+    # Orbax raises at the first item that failed while the others may still be writing into the step's
+    # temporary directory: let them end, so none fails later (at exit, or under a manager that cleans it up).
+    for thread in threading.enumerate():
+      if type(thread).__module__.startswith('orbax.') and thread is not threading.current_thread():
+        thread.join(timeout=60)
     good = [s for s in self.manager.all_steps(read=True) if s != step]
     last = f'step {max(good)}' if good else 'none'
     raise CheckpointError(f'checkpoint of step {step} in {self.directory} failed: {_reason(e)}; '
