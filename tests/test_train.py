@@ -201,6 +201,38 @@ def test_loop_resumes_and_nan_stop(tmp_path):
   assert outputs.is_run(tmp_path / 'a') and (tmp_path / 'a' / outputs.RUN_MARKER).is_file()
 
 
+def test_failed_async_save_stops_the_run_in_one_line(tmp_path, monkeypatch, caplog):
+  # A full disk while the step-8 checkpoint is written in the background: the run stops within two steps
+  # (not at the next save, step 12) with one line naming the step, the reason and the last good checkpoint,
+  # which still restores.
+  from orbax.checkpoint._src.handlers import json_checkpoint_handler as json_handler
+  write = json_handler.JsonCheckpointHandler._save_fn
+
+  async def disk_full_at_8(self, x, directory):
+    if isinstance(x, dict) and x.get('i') == 8:   # the data-iterator state of step 8
+      raise OSError(28, 'No space left on device')
+    return await write(self, x, directory)
+  monkeypatch.setattr(json_handler.JsonCheckpointHandler, '_save_fn', disk_full_at_8)
+  cfg = tiny_config(num_steps=16, checkpoint_every=4)
+  cfg.train.async_checkpoints = True   # as `ecdit train` saves (the tiny config saves synchronously)
+  workdir = tmp_path / 'a'
+  with pytest.raises(ckpt_lib.CheckpointError) as e:
+    loop.train(cfg, workdir, progress=False, data_fn=data_fn(), devices=jax.devices()[:1])
+  assert str(e.value) == (f'checkpoint of step 8 in {workdir.absolute()}/checkpoints failed: No space left '
+                          'on device; the last good checkpoint is step 4')
+  logged = [json.loads(l)['step'] for l in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  assert 8 <= logged[-1] <= 10, logged
+  # Orbax logged the failure from its threads: its message lines stay, their tracebacks are cut.
+  orbax = [r for r in caplog.records if '/orbax/' in r.pathname and r.levelname == 'ERROR']
+  assert orbax and not any(r.exc_info or r.exc_text for r in orbax)
+  monkeypatch.undo()
+  ck = ckpt_lib.Checkpointer(workdir)
+  assert ck.steps() == [4]
+  _, data_state, step = ck.restore_latest(loop.build(cfg).abstract_state)
+  assert (step, data_state) == (4, {'i': 4})
+  ck.close()
+
+
 def _strict_json(text):
   def refuse(name):
     raise ValueError(f'not JSON: {name}')

@@ -98,6 +98,8 @@ def upcycle_workdir(run, out: Path, overrides: dict, *, seed: int, source: dict)
   source = dict(source, seed=seed, overrides=overrides)
   (out / 'upcycled_from.json').write_text(json.dumps(source, indent=2, sort_keys=True) + '\n')
   ck = ckpt_lib.Checkpointer(out, keep=cfg.train.keep_checkpoints, use_async=False)
-  ck.save(0, state, data_state, resolved)
-  ck.close()
+  try:
+    ck.save(0, state, data_state, resolved)
+  finally:
+    ck.close()
   return mcfg

@@ -7,10 +7,16 @@ Restoring builds the target from the *current* config's abstract state (shapes, 
 checkpoint can be restored onto another mesh. A latest checkpoint that cannot be read is reported and the
 newest readable one is used; unreadable ones are moved to `<workdir>/checkpoints_unreadable/` (never
 deleted) so the run can write that step again.
+
+A save that fails in the background (a full disk) is found at the next `check()` — the loop calls it every
+step — or wait, and raised as one CheckpointError line naming the step, the reason and the last good
+checkpoint; Orbax's own logged tracebacks of it are cut to their message line.
 """
 from __future__ import annotations
 
+import logging as py_logging
 import shutil
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -42,6 +48,28 @@ class CheckpointError(errors.RunError, RuntimeError):
   pass
 
 
+class _NoOrbaxTracebacks(py_logging.Filter):
+  """Orbax logs every failure of its background save threads with a full traceback (thousands of lines for a
+  full disk); the failure itself is raised here as one line (its cause chained, for --verbose), so the log
+  keeps only Orbax's message line."""
+
+  def filter(self, record):
+    if record.exc_info and '/orbax/' in record.pathname.replace('\\', '/'):
+      record.exc_info, record.exc_text = None, None
+    return True
+
+
+_ORBAX_FILTER = _NoOrbaxTracebacks()
+py_logging.getLogger('absl').addFilter(_ORBAX_FILTER)
+
+
+def _reason(e: BaseException) -> str:
+  """One line saying why: an OSError's own words ('No space left on device'), else the message's first line."""
+  if isinstance(e, OSError) and e.strerror:
+    return e.strerror
+  return (str(e).splitlines() or [type(e).__name__])[0][:300]
+
+
 def _manager(directory: Path, keep: int, use_async: bool) -> ocp.CheckpointManager:
   # cleanup_tmp_directories: a save killed mid-write leaves only an incomplete temporary directory,
   # which is removed when the next run opens the manager (complete checkpoints are never touched).
@@ -56,6 +84,7 @@ class Checkpointer:
     self.directory = self.workdir / 'checkpoints'
     self.keep, self.use_async = keep, use_async
     self.manager = _manager(self.directory, keep, use_async)
+    self._saving = None   # the step of the save in flight (asynchronous), until it is known to be done
 
   def steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
@@ -66,14 +95,54 @@ class Checkpointer:
       raise NonFiniteStateError(f'refusing to checkpoint step {step}: the train state is not finite')
     args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
                               config=ocp.args.JsonSave(config))
-    self.manager.save(step, args=args, force=True)
+    self.wait()   # the previous save's failure is reported as its own step, not this one's
+    self._saving = step
+    try:
+      self.manager.save(step, args=args, force=True)
+    except Exception as e:  # noqa: BLE001 — the synchronous part of a save (or a synchronous save) failed
+      self._failed(e)
+    if not self.use_async:
+      self._saving = None
+
+  def check(self) -> None:
+    """Raises CheckpointError if the save in flight has failed; free (a lock read) while it is running."""
+    if self._saving is not None and not self.manager.is_saving_in_progress():
+      self.wait()
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    """Waits for the save in flight; CheckpointError if it failed."""
+    if self._saving is None:
+      return
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # noqa: BLE001 — any failure of the background write
+      self._failed(e)
+    self._saving = None
+
+  def _failed(self, e: BaseException):
+    step, self._saving = self._saving, None
+    # Orbax re-raises a failed save at every later wait, close() included, which would then stop before
+    # shutting its background threads down: the failure is reported here once, so it is forgotten there.
+    finalize = getattr(self.manager, '_finalize_thread', None)
+    if finalize is not None:
+      finalize.set(None)
+    # Orbax raises at the first item that failed while the others may still be writing into the step's
+    # temporary directory: let them end, so none fails later (at exit, or under a manager that cleans it up).
+    for thread in threading.enumerate():
+      if type(thread).__module__.startswith('orbax.') and thread is not threading.current_thread():
+        thread.join(timeout=60)
+    good = [s for s in self.manager.all_steps(read=True) if s != step]
+    last = f'step {max(good)}' if good else 'none'
+    raise CheckpointError(f'checkpoint of step {step} in {self.directory} failed: {_reason(e)}; '
+                          f'the last good checkpoint is {last}') from e
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    """Waits for the save in flight and closes the manager (always: its background threads must not outlive
+    it); CheckpointError if that save failed."""
+    try:
+      self.wait()
+    finally:
+      self.manager.close()
 
   def _restore_step(self, step: int, abstract_state):
     args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),

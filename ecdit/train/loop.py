@@ -192,16 +192,19 @@ def train(cfg, workdir: str | Path, *, progress: bool = True, data_fn=None, devi
   decode = frozen.decoder(cfg.data)   # latents -> pixels for previews (data.vae_dir)
   encode_text = frozen.text_step(cfg.data, setup.mesh)   # data.precompute_text=False: encoder in the loop
   ckpt = ckpt_lib.Checkpointer(workdir, keep=t.keep_checkpoints, use_async=t.async_checkpoints)
-  restored = ckpt.restore_latest(setup.abstract_state)
-  if restored is None:
-    state, start = setup.init_state(), 0
-  else:
-    state, data_state, start = restored
-    data_iter.set_state(data_state)
-    print(f'resuming {cfg.name} from checkpoint step {start} in {ckpt.directory}', flush=True)
-
-  writer = MetricsWriter(workdir, start_step=start, enabled=main_process)
-  sampler = sampler_lib.from_config(setup.model, cfg.sample, clip=decode is None)
+  try:
+    restored = ckpt.restore_latest(setup.abstract_state)
+    if restored is None:
+      state, start = setup.init_state(), 0
+    else:
+      state, data_state, start = restored
+      data_iter.set_state(data_state)
+      print(f'resuming {cfg.name} from checkpoint step {start} in {ckpt.directory}', flush=True)
+    writer = MetricsWriter(workdir, start_step=start, enabled=main_process)
+    sampler = sampler_lib.from_config(setup.model, cfg.sample, clip=decode is None)
+  except BaseException:
+    ckpt.close()   # a failed resume too: Orbax's background threads must not outlive the manager
+    raise
   samples_dir = workdir / 'samples'
   last_sample = None
 
@@ -231,6 +234,7 @@ def train(cfg, workdir: str | Path, *, progress: bool = True, data_fn=None, devi
       if pending is not None:
         guard(pending[0], bool(pending[1]))
       pending = (step, m['finite'])
+      ckpt.check()   # a checkpoint save that failed in the background stops the run at once
       save_now = step % t.checkpoint_every == 0 or step == t.num_steps
       if guard.stop_at_first or save_now:   # 'stop' at once; a step about to be saved is counted first
         guard(step, bool(m['finite']))
