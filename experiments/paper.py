@@ -4,8 +4,7 @@ Rectified flow, logit-normal t (μ=0, σ=1), 50% token masking, RMSProp with mom
 warm-up steps, batch 4096, 800K steps, 32×32×4 latents (a 256² image through a VAE), patch 2, bfloat16
 compute. Expert-choice models use f_c = 2 and route over groups of 1024 tokens in training (8 images of 128
 kept tokens) and 512 at inference (2 images of 256 tokens), as the paper's implementation paragraph reports;
-`--config.model.routing_scope=image --config.model.group_size=None --config.model.inference_group_size=None`
-routes per image instead. `gshard_*` are the token-choice top-2 baselines (routed per image). Data: latents
+a variant name ending in `_image` (`xl_32e_image`) routes each image on its own instead (Algorithm 1). `gshard_*` are the token-choice top-2 baselines (routed per image). Data: latents
 imported with the image_text_folder builder (the VAE runs elsewhere); the text encoder is our small
 transformer of sizes.py (0.67B, T5 vocabulary size) standing in for the paper's CLIP-based one. Values the paper does not give (RMSProp decay,
 eps, grad clipping, EMA) are our choices.
@@ -36,9 +35,11 @@ VARIANTS = {
 
 def get_config(variant=None):
   variant = variant or 'xl_32e'
-  if variant not in VARIANTS:
-    raise ValueError(f'paper variant {variant!r} is unknown: expected one of {sorted(VARIANTS)}')
-  size, routing, experts, depth = VARIANTS[variant]
+  base, per_image = variant.removesuffix('_image'), variant.endswith('_image')
+  if base not in VARIANTS or (per_image and VARIANTS[base][1] != 'expert_choice'):
+    raise ValueError(f'paper variant {variant!r} is unknown: expected one of {sorted(VARIANTS)}, an '
+                     'expert-choice one optionally with the suffix _image')
+  size, routing, experts, depth = VARIANTS[base]
   c = base_config()
   c.name = f'paper_{variant}'
 
@@ -50,7 +51,7 @@ def get_config(variant=None):
   m.capacity_factor = 1.0 if routing == 'token_choice' else 2.0
   if routing == 'token_choice':
     m.top_k = 2
-  if routing == 'expert_choice':
+  if routing == 'expert_choice' and not per_image:
     m.routing_scope, m.group_size, m.inference_group_size = 'group', 1024, 512
   m.patch_size = 2   # on the 32×32×4 latents (data.latent_shape); the preset's text encoder stands in for CLIP
   m.dtype = 'bfloat16'

@@ -104,7 +104,7 @@ def test_paper_presets_route_over_1024_token_groups_and_512_at_inference():
         'expert_choice', 'group', 1024, 512), variant
     # Training routes the 128 kept tokens of 256 (50% masking): 8 images a group; sampling 2 images of 256.
     assert flow.routed_tokens(c, m) == 128 and m.num_tokens == 256
-  for variant in ('dense_xl', 'gshard_xl_32e'):
+  for variant in ('dense_xl', 'gshard_xl_32e', 'xl_32e_image', 'm_64e_image'):
     m = config_lib.model_config(load_experiment('paper', variant))
     assert (m.routing_scope, m.group_size, m.inference_group_size) == ('image', None, None), variant
 
@@ -120,3 +120,8 @@ def test_check_fits_splits_the_routed_tokens_into_groups():
   assert flow.routed_tokens(c, m) == 8
   with pytest.raises(ValueError, match='model.group_size=32 must divide'):
     ecdit_model.check_fits(m, mesh, 2, flow.routed_tokens(c, m))
+
+
+def test_paper_image_suffix_only_for_expert_choice():
+  with pytest.raises(ValueError, match="paper variant 'dense_xl_image' is unknown"):
+    load_experiment('paper', 'dense_xl_image')
