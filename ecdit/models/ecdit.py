@@ -112,7 +112,10 @@ def build_model(cfg: ModelConfig | Mapping[str, Any], remat: str = 'none') -> EC
 
 def for_inference(model: ECDiT) -> ECDiT:
   """`model` as sampling and evaluation run it (`ModelConfig.for_inference`: the inference routing group
-  size); the same module when that changes nothing. Takes the same parameters."""
+  size); the same module when that changes nothing, or when it is not an ECDiT (the samplers take any module
+  with `apply`). Takes the same parameters."""
+  if not isinstance(model, ECDiT):
+    return model
   cfg = model.config.for_inference()
   return model if cfg is model.config else model.clone(config=cfg)
 
