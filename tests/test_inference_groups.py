@@ -125,3 +125,11 @@ def test_check_fits_splits_the_routed_tokens_into_groups():
 def test_paper_image_suffix_only_for_expert_choice():
   with pytest.raises(ValueError, match="paper variant 'dense_xl_image' is unknown"):
     load_experiment('paper', 'dense_xl_image')
+
+
+def test_upcycle_may_change_the_inference_group_size():
+  from ecdit.export.upcycle import check_compatible  # the export layer pulls in training: import late
+  dense = ModelConfig(routing='dense')
+  check_compatible(dense, ModelConfig(routing_scope='group', group_size=1024, inference_group_size=512))
+  with pytest.raises(ValueError, match='model.width differs'):
+    check_compatible(dense, ModelConfig(width=64))
