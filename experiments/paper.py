@@ -2,7 +2,9 @@
 
 Rectified flow, logit-normal t (μ=0, σ=1), 50% token masking, RMSProp with momentum, lr 1e-4 after 20K
 warm-up steps, batch 4096, 800K steps, 32×32×4 latents (a 256² image through a VAE), patch 2, bfloat16
-compute. Expert-choice models use f_c = 2; `gshard_*` are the token-choice top-2 baselines. Data: latents
+compute. Expert-choice models use f_c = 2 and route over groups of 1024 tokens in training (8 images of 128
+kept tokens) and 512 at inference (2 images of 256 tokens), as the paper's implementation paragraph reports;
+a variant name ending in `_image` (`xl_32e_image`) routes each image on its own instead (Algorithm 1). `gshard_*` are the token-choice top-2 baselines (routed per image). Data: latents
 imported with the image_text_folder builder (the VAE runs elsewhere); the text encoder is our small
 transformer of sizes.py (0.67B, T5 vocabulary size) standing in for the paper's CLIP-based one. Values the paper does not give (RMSProp decay,
 eps, grad clipping, EMA) are our choices.
@@ -33,9 +35,11 @@ VARIANTS = {
 
 def get_config(variant=None):
   variant = variant or 'xl_32e'
-  if variant not in VARIANTS:
-    raise ValueError(f'paper variant {variant!r} is unknown: expected one of {sorted(VARIANTS)}')
-  size, routing, experts, depth = VARIANTS[variant]
+  base, per_image = variant.removesuffix('_image'), variant.endswith('_image')
+  if base not in VARIANTS or (per_image and VARIANTS[base][1] != 'expert_choice'):
+    raise ValueError(f'paper variant {variant!r} is unknown: expected one of {sorted(VARIANTS)}, an '
+                     'expert-choice one optionally with the suffix _image')
+  size, routing, experts, depth = VARIANTS[base]
   c = base_config()
   c.name = f'paper_{variant}'
 
@@ -47,6 +51,8 @@ def get_config(variant=None):
   m.capacity_factor = 1.0 if routing == 'token_choice' else 2.0
   if routing == 'token_choice':
     m.top_k = 2
+  if routing == 'expert_choice' and not per_image:
+    m.routing_scope, m.group_size, m.inference_group_size = 'group', 1024, 512
   m.patch_size = 2   # on the 32×32×4 latents (data.latent_shape); the preset's text encoder stands in for CLIP
   m.dtype = 'bfloat16'
   m.scan_layers = True   # XL-32E on 8 devices: compile 60 s at 8 blocks, 66 s at 28 (unrolled: 103 s, 412 s)

@@ -13,6 +13,7 @@ import pytest
 
 from _train_util import Tokens, tiny_config
 from cli_util import run_cli
+from ecdit.config.model import ModelConfig
 from ecdit.data import shapes
 from ecdit.diffusion import flow
 from ecdit.eval.routing import collect, heatmap, scenes, summary, textual
@@ -82,11 +83,10 @@ def test_sampling_records_routing_shapes_and_exact_group_totals(tiny):
 
 def test_group_totals_for_group_and_batch_scopes():
   counts = np.arange(2 * 8).reshape(1, 2, 8)        # [layers=1, B=2, S=8]
-  class C:
-    routing_scope, group_size = 'group', 4
-  np.testing.assert_array_equal(summary.group_totals(counts, C), [[0 + 1 + 2 + 3, 22, 38, 54]])
-  C.routing_scope = 'batch'
-  np.testing.assert_array_equal(summary.group_totals(counts, C), [[120]])
+  c = ModelConfig(routing_scope='group', group_size=4)
+  np.testing.assert_array_equal(summary.group_totals(counts, c), [[0 + 1 + 2 + 3, 22, 38, 54]])
+  c = ModelConfig(routing_scope='batch')
+  np.testing.assert_array_equal(summary.group_totals(counts, c), [[120]])
 
 
 def test_token_fraction_and_fg_bg_exact_on_hand_made_mask():

@@ -280,6 +280,12 @@ def test_groups_spanning_images_are_refused():
   dexport.reproducible(cfg, dataclasses.replace(base, routing_scope='group', group_size=8))
   with pytest.raises(ValueError, match='group_size=32 does not divide the 16 tokens'):
     dexport.reproducible(cfg, dataclasses.replace(base, routing_scope='group', group_size=32))
+  # The pipeline routes as sampling does: training groups spanning images are fine when the inference ones
+  # do not (and the reverse is refused).
+  dexport.reproducible(cfg, dataclasses.replace(base, routing_scope='group', group_size=32, inference_group_size=8))
+  with pytest.raises(ValueError, match='group_size=32 does not divide the 16 tokens'):
+    dexport.reproducible(cfg, dataclasses.replace(base, routing_scope='group', group_size=8,
+                                                  inference_group_size=32))
 
 
 @pytest.mark.parametrize('key,value', [('depth', 200000), ('width', 32768), ('num_experts', 3)])

@@ -16,6 +16,7 @@ from typing import Any, Sequence
 from ecdit import parallel
 from ecdit.bench import plan as plan_lib
 from ecdit.config import experiment as config_lib
+from ecdit.diffusion import flow
 from ecdit.models import ecdit as ecdit_model
 
 # For a scanned stack, in the order tried: keep the MoE outputs (no all_to_all recomputed), keep everything
@@ -42,7 +43,7 @@ def candidates(cfg, devices: Sequence[Any], mcfg=None) -> tuple[list[tuple[int, 
   for shape in factorisations(len(devices)):
     mesh = parallel.make_mesh(dict(zip(parallel.AXES, shape)), list(devices))
     try:
-      ecdit_model.check_fits(mcfg, mesh, cfg.train.batch_size)
+      ecdit_model.check_fits(mcfg, mesh, cfg.train.batch_size, flow.routed_tokens(cfg, mcfg))
     except ValueError as e:
       rejected[shape] = str(e).splitlines()[0]
       continue

@@ -67,6 +67,7 @@ class ModelConfig:
   eval_capacity_factor: float | None = None  # None: same as capacity_factor.
   routing_scope: str = 'image'       # 'image' (Algorithm 1), 'group' (group_size tokens), 'batch' (pool).
   group_size: int | None = None      # tokens per routing group when routing_scope == 'group'.
+  inference_group_size: int | None = None  # the same at sampling / eval / export (for_inference); None: group_size.
   moe_backend: str = 'gather'
   top_k: int = 2                     # token choice only.
   aux_loss_weight: float = 0.01      # token choice load-balancing loss weight.
@@ -141,7 +142,18 @@ class ModelConfig:
     return cfg
 
   def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
+    d = dataclasses.asdict(self)
+    if d['inference_group_size'] is None:
+      # Left out when unset, so that resolved models (workdir hashes) and exports from before it are unchanged.
+      del d['inference_group_size']
+    return d
+
+  def for_inference(self) -> 'ModelConfig':
+    """The model as sampling, evaluation and exports run it: routing groups of `inference_group_size` tokens
+    (the paper: 1024 in training, 512 at inference). Parameters do not depend on the group size."""
+    if self.inference_group_size is None:
+      return self
+    return dataclasses.replace(self, group_size=self.inference_group_size, inference_group_size=None)
 
   def validate(self) -> 'ModelConfig':
     def fail(field, value, expected):
@@ -190,6 +202,12 @@ class ModelConfig:
         fail('group_size', self.group_size, "a positive integer when routing_scope='group'")
     elif self.group_size is not None:
       fail('group_size', self.group_size, f"None unless routing_scope='group' (it is {self.routing_scope!r})")
+    if self.inference_group_size is not None:
+      v = self.inference_group_size
+      if self.routing_scope != 'group':
+        fail('inference_group_size', v, f"None unless routing_scope='group' (it is {self.routing_scope!r})")
+      if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        fail('inference_group_size', v, "a positive integer or None (same as group_size)")
     if not isinstance(self.scan_layers, bool):
       fail('scan_layers', self.scan_layers, 'True or False')
     if self.scan_layers and self.depth % self.scan_unit:

@@ -38,6 +38,13 @@ def num_kept(num_tokens: int, mask_ratio: float) -> int:
   return max(1, min(num_tokens, int(round(num_tokens * (1.0 - mask_ratio)))))
 
 
+def routed_tokens(cfg, mcfg) -> int:
+  """Tokens per image the backbone (and so its MoE routing groups) sees in a training step of experiment
+  `cfg`: all of model `mcfg`'s, or the kept ones under token masking (diffusion.mask_ratio)."""
+  ratio = float(cfg.diffusion.mask_ratio)
+  return num_kept(mcfg.num_tokens, ratio) if ratio > 0 else mcfg.num_tokens
+
+
 def random_keep_idx(key, batch: int, num_tokens: int, keep: int):
   """A random subset of `keep` token positions per example, `[batch, keep]` int32, sorted ascending."""
   scores = jax.random.uniform(key, (batch, num_tokens))

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ecdit import outputs
+from ecdit.models import ecdit as ecdit_model
 
 SAMPLERS = ('euler', 'heun')
 
@@ -91,8 +92,11 @@ def make_sampler(model, *, image_shape: tuple[int, int, int], num_steps: int, cf
   `ids` may also be text states `[B,L,D]` (a frozen pretrained encoder). `clip=False` returns x unclipped
   (VAE latents, which the caller decodes). `observe(collections)` receives the sown collections
   (`moe_stats`, `losses`) of each step's first model call; then fn returns `(images, (states, observed))`,
-  both stacked over steps (see `integrate`).
+  both stacked over steps (see `integrate`). The model runs as built for inference (its routing groups of
+  model.inference_group_size tokens).
   """
+  model = ecdit_model.for_inference(model)
+
   def apply_fn(params, x, t, ids, mask):
     if observe is None:
       return model.apply({'params': params}, x, t, ids, mask, train=False)

@@ -51,6 +51,7 @@ TRANSFORMER_KEYS = tuple(k for k in inspect.signature(ECDiTTransformer2DModel.__
 
 def reproducible(cfg, mcfg: ModelConfig) -> None:
   """Raises ValueError when the pipeline could not reproduce the run's routing or conditioning."""
+  mcfg = mcfg.for_inference()   # the pipeline routes as sampling does
   if mcfg.routing != 'dense' and mcfg.routing_scope == 'batch':
     raise ValueError("model.routing_scope='batch' cannot be exported to a pipeline: each expert's capacity is "
                      'shared by the whole batch, so an image would depend on the batch it is generated in')
@@ -173,7 +174,7 @@ def export_diffusers(workdir: str | Path, out_dir: str | Path, *, ema: bool = Fa
       reproducible(run.cfg, run.model_config)
     except ValueError as e:
       raise ExportError(str(e)) from None
-  mcfg = run.model_config
+  mcfg = run.model_config.for_inference()   # the pipeline's transformer routes as sampling does
   if run.tokenizer_path is None:
     raise ExportError(f'--workdir={workdir}: the run\'s sentencepiece tokenizer file is missing '
                       '(data.tokenizer_path, or the one beside the prepared dataset)')

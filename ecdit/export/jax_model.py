@@ -18,7 +18,7 @@ class JaxVelocity:
 
   def __init__(self, params, config: ModelConfig):
     self.params, self.config = params, config
-    self.model = build_model(config)
+    self.model = build_model(config.for_inference())
     self._apply = jax.jit(lambda p, x, t, ids, m: self.model.apply({'params': p}, x, t, ids, m, train=False))
 
   def __call__(self, x_t, t, text_ids, text_mask=None):

@@ -57,7 +57,7 @@ def _check(cfg: ModelConfig):
 
 def export_velocity(params, cfg: ModelConfig, platforms: Sequence[str] | None = None) -> jax.export.Exported:
   _check(cfg)
-  model = build_model(cfg)
+  model = build_model(cfg.for_inference())
   b, = jax.export.symbolic_shape('b')
   image = jax.ShapeDtypeStruct((b, cfg.image_size, cfg.image_size, cfg.in_channels), jnp.float32)
 
@@ -74,7 +74,7 @@ def export_sampler(params, cfg: ModelConfig, *, num_steps: int, cfg_scale: float
   _check(cfg)
   if num_steps < 1:
     raise ExportError(f'num_steps={num_steps} is invalid: expected an integer >= 1')
-  model = build_model(cfg)
+  model = build_model(cfg.for_inference())
   b, = jax.export.symbolic_shape('b')
   image = jax.ShapeDtypeStruct((b, cfg.image_size, cfg.image_size, cfg.in_channels), jnp.float32)
 

@@ -26,7 +26,8 @@ from ecdit.train import loop
 
 # Fields that may differ between the dense source and the MoE target; every other field must match.
 ROUTING_FIELDS = ('routing', 'num_experts', 'moe_every', 'capacity_factor', 'eval_capacity_factor',
-                  'routing_scope', 'group_size', 'moe_backend', 'top_k', 'aux_loss_weight', 'router_init_std')
+                  'routing_scope', 'group_size', 'inference_group_size', 'moe_backend', 'top_k', 'aux_loss_weight',
+                  'router_init_std')
 
 
 def check_compatible(dense_cfg: ModelConfig, moe_cfg: ModelConfig) -> None:

@@ -168,7 +168,7 @@ def export_config(cfg: ModelConfig, *, tokenizer: bool, extra: Mapping[str, Any]
   d = {k: getattr(cfg, k) for k in TOP_LEVEL}
   d.update({
       'format': FORMAT, 'format_version': FORMAT_VERSION,
-      'model': cfg.to_dict(),
+      'model': cfg.for_inference().to_dict(),   # an export is for inference: its routing group size
       'weights': WEIGHTS_FILE,
       'tokenizer': TOKENIZER_FILE if tokenizer else None,
       'pad_id': PAD_ID,

@@ -108,6 +108,16 @@ def build_model(cfg: ModelConfig | Mapping[str, Any], remat: str = 'none') -> EC
   return ECDiT(cfg, remat)
 
 
+def for_inference(model: ECDiT) -> ECDiT:
+  """`model` as sampling and evaluation run it (`ModelConfig.for_inference`: the inference routing group
+  size); the same module when that changes nothing, or when it is not an ECDiT (the samplers take any module
+  with `apply`). Takes the same parameters."""
+  if not isinstance(model, ECDiT):
+    return model
+  cfg = model.config.for_inference()
+  return model if cfg is model.config else model.clone(config=cfg)
+
+
 def dummy_inputs(cfg: ModelConfig, batch: int = 1) -> tuple[jax.Array, ...]:
   """Zero inputs of the right shapes/dtypes: (x, t, text, text_mask). Cheap; usable under jax.eval_shape."""
   x = jnp.zeros((batch, cfg.image_size, cfg.image_size, cfg.in_channels), jnp.float32)
@@ -144,13 +154,15 @@ def abstract_params(model: ECDiT, batch_size: int = 1):
   return jax.eval_shape(lambda: init_params(model, 0, batch_size))
 
 
-def check_fits(cfg: ModelConfig | Mapping[str, Any], mesh: Mesh, global_batch: int | None = None) -> None:
+def check_fits(cfg: ModelConfig | Mapping[str, Any], mesh: Mesh, global_batch: int | None = None,
+               tokens: int | None = None) -> None:
   """ValueError, naming both numbers, when `mesh` cannot split this model or the global batch evenly; cheap
   (abstract parameters only), so programs call it before anything compiles:
 
     experts (model.num_experts) by 'expert' and the FFN hidden width by 'model'; attention heads by 'model';
     the model width and the text width by 'fsdp'; the global batch by data·fsdp·expert; the MoE layer's split
-    of the batch's routing groups over the devices (ecdit.layers.moe.layout); then every parameter dimension
+    of the batch's routing groups over the devices (ecdit.layers.moe.layout) for `tokens` routed tokens per
+    image (training with token masking routes the kept ones; default all); then every parameter dimension
     against the rules table, so a dimension missed here is still reported with its path."""
   cfg = as_config(cfg)
   shape = dict(mesh.shape)
@@ -161,5 +173,5 @@ def check_fits(cfg: ModelConfig | Mapping[str, Any], mesh: Mesh, global_batch: i
     named.append(('model.text_width', cfg.text_width, 'fsdp'))
   check_divisibility(mesh, named, global_batch)
   if global_batch is not None and cfg.routing != 'dense':
-    moe.layout(cfg, global_batch, cfg.num_tokens, shape)
+    moe.layout(cfg, global_batch, cfg.num_tokens if tokens is None else tokens, shape)
   check_divisibility(mesh, params=abstract_params(build_model(cfg)))

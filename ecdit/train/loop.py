@@ -17,6 +17,7 @@ from ecdit import parallel
 from ecdit.config import experiment as config_lib
 from ecdit.data import batch as batch_lib
 from ecdit.data import pipeline, prepare
+from ecdit.diffusion import flow
 from ecdit.diffusion import sampler as sampler_lib
 from ecdit.models import ecdit as ecdit_model
 from ecdit.train import checkpoint as ckpt_lib
@@ -68,7 +69,7 @@ def build(cfg, mcfg=None, devices=None, *, strict: bool = False) -> Setup:
   mcfg = mcfg or config_lib.validate(cfg)
   frozen.check(cfg, mcfg)   # the VAE / text encoder folders agree with the model (config.json only)
   mesh = parallel.make_mesh(cfg.mesh, devices) if strict else parallel.fit_mesh(cfg.mesh, devices)
-  ecdit_model.check_fits(mcfg, mesh, cfg.train.batch_size if strict else None)
+  ecdit_model.check_fits(mcfg, mesh, cfg.train.batch_size if strict else None, flow.routed_tokens(cfg, mcfg))
   model = ecdit_model.build_model(mcfg, cfg.train.remat)
   tx = optim.make_optimizer(cfg.train)
   lr = optim.schedule(cfg.train)

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ecdit.diffusion import sampler as sampler_lib
+from ecdit.models import ecdit as ecdit_model
 
 
 def moe_layer_names(mcfg) -> list[str]:
@@ -46,6 +47,7 @@ def counts_from_stats(moe_stats: dict, layers: Sequence[str]):
 
 def routing_fn(model) -> Callable:
   """Jitted `(params, x, t, ids, mask) -> (velocity [B,H,W,C], counts int32 [layers, B, S])`; t is `[B]`."""
+  model = ecdit_model.for_inference(model)
   cfg = model.config
   check_has_moe(cfg)
   layers = moe_layer_names(cfg)

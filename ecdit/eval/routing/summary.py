@@ -12,6 +12,7 @@ def group_totals(counts: np.ndarray, mcfg) -> np.ndarray:
   every group's total is E·C exactly (C = mcfg.capacity_for(group length, train=False))."""
   counts = np.asarray(counts)
   lead, (b, s) = counts.shape[:-2], counts.shape[-2:]
+  mcfg = mcfg.for_inference()   # the counts come from sampling / evaluation calls
   if mcfg.routing_scope == 'image':
     return counts.sum(-1)
   flat = counts.reshape(lead + (b * s,))
@@ -21,6 +22,7 @@ def group_totals(counts: np.ndarray, mcfg) -> np.ndarray:
 
 def capacity(mcfg) -> int | None:
   """Tokens per expert per routing group at sampling time (None for 'batch' scope: it depends on the batch)."""
+  mcfg = mcfg.for_inference()
   if mcfg.routing_scope == 'batch':
     return None
   group = mcfg.num_tokens if mcfg.routing_scope == 'image' else mcfg.group_size
