@@ -94,14 +94,16 @@ def test_paper_accounting_is_our_model_without_cross_attention(xl):
 
 def test_cli_json():
   env = dict(os.environ, JAX_PLATFORMS='cpu')
-  # XL-32E in-process (the dict the command builds from --size=XL --experts=32); M-64E through the CLI
+  # XL-32E in-process (the dict the command builds from --size=XL --experts=32); M-64E through the CLI from
+  # the paper experiment (its image size and vocabulary come from the data section, as in training)
   res = json.loads(json.dumps(P.report({'size': 'XL-32E', 'num_experts': 32}, 'XL-32E')))
   assert res['config']['num_experts'] == 32 and res['config']['sparse_layers'] == 14
   assert abs(res['total'] / 6.08e9 - 1) < 0.02          # MoE total: dominated by the exact experts
   assert res['paper_table1']['paper']['moe'] == pytest.approx(6.08e9)
   assert abs(res['paper_table1']['accounting']['dense'] / 1.47e9 - 1) < 0.005
   assert res['paper_accounting']['total'] == res['paper_table1']['accounting']['moe']
-  m64 = subprocess.run([sys.executable, '-m', 'ecdit.cli', 'params', '--size=M', '--experts=64', '--json'],
+  paper = os.path.join(os.path.dirname(__file__), '..', 'experiments', 'paper.py')
+  m64 = subprocess.run([sys.executable, '-m', 'ecdit.cli', 'params', f'--config={paper}:m_64e', '--json'],
                        capture_output=True, text=True, env=env, timeout=300)
   assert m64.returncode == 0, m64.stderr
   res = json.loads(m64.stdout)

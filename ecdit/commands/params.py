@@ -17,6 +17,7 @@ from absl import flags
 
 from ecdit import errors
 from ecdit.commands import flags as cflags
+from ecdit.config import experiment
 from ecdit.models import params as params_lib
 
 _SIZE = flags.DEFINE_string('size', None, 'model size preset (ecdit.config.sizes), e.g. XL, XXL, 3XL, M, M-64E, S')
@@ -35,7 +36,11 @@ def _model_dict() -> dict:
     section = cfg.get('model', None)
     if section is None:
       raise errors.UsageError('--config: the config has no `model` section')
-    model = section.to_dict() if hasattr(section, 'to_dict') else dict(section)
+    model = {k: v for k, v in (section.to_dict() if hasattr(section, 'to_dict') else dict(section)).items()
+             if v is not None}
+    if cfg.get('data', None) is not None:   # image size, channels, vocabulary: the data's, as in training
+      implied = experiment.data_implied_model(cfg.data, model.get('text_encoder'))
+      model = {**{k: v for k, (v, _) in implied.items()}, **model}
   if _SIZE.value:
     model['size'] = _SIZE.value
   if _EXPERTS.value is not None:
