@@ -100,6 +100,26 @@ def test_bench_cases_are_the_training_set_up():
   assert float(case.train()) == float(m['loss'])
 
 
+def test_variants_cases_are_valid_configs_and_the_table_is_over_the_first():
+  """Every `bench variants` case is a valid model and train config (so a typo in the table fails here, not
+  after minutes of measuring), and the table's ratios are over the group's first case."""
+  from ecdit.bench import variants
+  from ecdit.config import experiment
+  for group, cases in variants.GROUPS.items():
+    for name, (model_over, train_over) in cases.items():
+      cfg = suite.bench_config(**model_over)
+      for k, v in model_over.items():
+        assert getattr(cfg, k) == v, (group, name, k)
+      c = suite.train_config(8, **train_over)
+      for k, v in model_over.items():
+        c.model[k] = v
+      experiment.validate(c)
+      assert all(c.train[k] == v for k, v in train_over.items())
+  table = variants.format_group('layout', {'a': dict(ms=200., temp_mib=40., argument_mib=5., compile_s=1.),
+                                           'b': dict(ms=300., temp_mib=10., argument_mib=5., compile_s=2.)})
+  assert table.splitlines()[2:] == ['| a | 200 | 1.00 | 40 | 1.00 | 5 | 1.0 |', '| b | 300 | 1.50 | 10 | 0.25 | 5 | 2.0 |']
+
+
 def test_time_interleaved_takes_turns_and_reports_medians():
   from ecdit.bench import timing
   calls = []

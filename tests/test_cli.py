@@ -117,6 +117,14 @@ def test_bench_json_is_checked_before_measuring(tmp_path):
   assert not r.stdout   # refused before the suite printed (or measured) anything
 
 
+def test_bench_variants_names_an_unknown_group():
+  r = ecdit('bench', 'variants', '--variants=layout,nope', timeout=60)
+  assert r.returncode == 2 and error_lines(r.stderr) == [
+      "ecdit: error: --variants=layout,nope is invalid: ['nope'] are not groups; expected some of layout, "
+      'precision, experts_float32, experts_bf16'], r.stderr
+  assert not r.stdout
+
+
 # ---- the error boundary --------------------------------------------------------------------------------------
 
 BOOM = '''

@@ -73,17 +73,20 @@ def bench_config(**overrides) -> ModelConfig:
 
 # ---- the compiled functions -----------------------------------------------------------------------------
 
-def train_config(batch: int):
-  """The experiment config of the bench's train steps: the defaults, `batch` images, no token masking."""
+def train_config(batch: int, **train):
+  """The experiment config of the bench's train steps: the defaults, `batch` images, no token masking, and
+  the given `train.*` values (e.g. remat, moment_dtype)."""
   c = base_config()
   c.train.batch_size = batch
   c.diffusion.mask_ratio = 0.0
+  for key, value in train.items():
+    setattr(c.train, key, value)
   return c
 
 
-def train_setup(cfg: ModelConfig, batch: int) -> loop.Setup:
+def train_setup(cfg: ModelConfig, batch: int, **train) -> loop.Setup:
   """The training code's set-up (`loop.build`) of model `cfg` for `batch` images on a 1-device mesh."""
-  return loop.build(train_config(batch), cfg, devices=jax.devices()[:1], strict=True)
+  return loop.build(train_config(batch, **train), cfg, devices=jax.devices()[:1], strict=True)
 
 
 @dataclasses.dataclass
@@ -95,6 +98,8 @@ class Case:
   compile_s: float
   xla_flops: float                   # XLA's cost_analysis of the compiled train step (reference only)
   hlo_text: str = ''                 # the compiled train step's HLO (for `ecdit bench profile`)
+  temp_bytes: int = 0                # XLA's memory analysis of the compiled train step: temporaries,
+  argument_bytes: int = 0            # and arguments (the state and the batch)
 
 
 def random_batch(cfg: ModelConfig, batch: int) -> dict:
@@ -132,9 +137,9 @@ def _xla_flops(compiled) -> float:
     return float('nan')
 
 
-def build_case(name: str, cfg: ModelConfig, batch: int, with_infer: bool = True) -> Case:
-  """Compiles the train step and the forward of `cfg` for `batch` images."""
-  setup = train_setup(cfg, batch)
+def build_case(name: str, cfg: ModelConfig, batch: int, with_infer: bool = True, **train) -> Case:
+  """Compiles the train step (with the given `train.*` values) and the forward of `cfg` for `batch` images."""
+  setup = train_setup(cfg, batch, **train)
   state = setup.init_state()
   data = jax.device_put(random_batch(cfg, batch), parallel.batch_sharding(setup.mesh))
   t0 = time.perf_counter()
@@ -153,7 +158,9 @@ def build_case(name: str, cfg: ModelConfig, batch: int, with_infer: bool = True)
 
   def infer_fn():
     return fwd_c(infer_params, data['x0'], t, data['text'], data['text_mask'])
-  return Case(name, cfg, train_fn, infer_fn, compile_s, _xla_flops(compiled), compiled.as_text())
+  mem = compiled.memory_analysis()
+  return Case(name, cfg, train_fn, infer_fn, compile_s, _xla_flops(compiled), compiled.as_text(),
+              int(mem.temp_size_in_bytes), int(mem.argument_size_in_bytes))
 
 
 # ---- the measurements -----------------------------------------------------------------------------------

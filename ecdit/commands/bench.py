@@ -15,7 +15,7 @@ from absl import flags
 
 from ecdit import errors
 from ecdit import outputs
-from ecdit.bench import data, parts, routing, suite
+from ecdit.bench import data, parts, routing, suite, variants
 from ecdit.commands import flags as cflags
 
 _QUICK = flags.DEFINE_bool('quick', False, 'smaller run: 4096 tokens per step instead of 16384')
@@ -24,10 +24,12 @@ _REPS = flags.DEFINE_integer('reps', None, 'timed repetitions per case (default 
 _WARMUP = flags.DEFINE_integer('warmup', 1, 'untimed runs per case after compiling')
 _EXPERTS = flags.DEFINE_list('experts', ['8', '64'], 'expert counts E to measure')
 _SUITE = flags.DEFINE_enum('suite', 'quick', ['quick', 'full'], 'suite: which sizes (quick fits a few minutes)')
-_JSON = flags.DEFINE_string('json', None, 'suite: write the results to this JSON file')
+_JSON = flags.DEFINE_string('json', None, 'suite, variants: write the results to this JSON file')
 _TORCH = flags.DEFINE_bool('torch', True, 'suite: also train the same model in PyTorch, in a block after the JAX '
                            'steps (needs the [torch] extra; skipped with a note when torch is missing)')
 _BATCH = flags.DEFINE_integer('batch', 8, 'profile, parts: images per train step')
+_VARIANTS = flags.DEFINE_list('variants', list(variants.GROUPS),
+                              f'variants: which groups to measure, of {", ".join(variants.GROUPS)}')
 _GROUPS = flags.DEFINE_list('group_sizes', ['256', '1024', '4096'],
                             'routing-group sizes S (multiples of 256 dividing --tokens)')
 
@@ -63,6 +65,17 @@ def _profile():
   profile.run(batch=_BATCH.value, experts=_ints(_EXPERTS)[0])
 
 
+def _variants():
+  unknown = [g for g in _VARIANTS.value if g not in variants.GROUPS]
+  if unknown:
+    raise errors.UsageError(f'--variants={",".join(_VARIANTS.value)} is invalid: {unknown} are not groups; '
+                            f'expected some of {", ".join(variants.GROUPS)}')
+  if _JSON.value:   # before the minutes of measuring
+    outputs.check_output(_JSON.value, '--json', ours=outputs.json_with('groups', 'e64_over_e8'))
+  variants.run(batch=_BATCH.value, reps=_REPS.value or 5, warmup=_WARMUP.value, groups=tuple(_VARIANTS.value),
+               json_path=_JSON.value)
+
+
 def _parts():
   parts.run(_ints(_EXPERTS), batch=_BATCH.value, reps=_REPS.value or 5)
 
@@ -85,6 +98,10 @@ BENCHMARKS = {
     'suite': Benchmark(_suite, 'peak matmul GFLOP/s, MFU, EC vs dense, E=64 vs 8, gather vs one-hot, token vs '
                        'expert choice, and the same model trained in PyTorch beside it (`--notorch` skips that), '
                        'in one process; see ecdit/bench/suite.py', (_SUITE, _JSON, _REPS, _TORCH)),
+    'variants': Benchmark(_variants, "the suite's model trained unrolled and scanned with each remat policy, and "
+                          'in float32 / bfloat16 compute, moments and parameters, and E=64 over E=8 per precision: '
+                          "step time in turns and XLA's memory analysis; see ecdit/bench/variants.py",
+                          (_VARIANTS, _BATCH, _REPS, _WARMUP, _JSON)),
     'profile': Benchmark(_profile, "one traced train step of the suite's model: time by HLO op kind and by model "
                          'op, `--batch`, first of `--experts`', (_BATCH, _EXPERTS)),
     'parts': Benchmark(_parts, "the update alone on dense/EC parameter trees and the expert matmuls alone at each "
