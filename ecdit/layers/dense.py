@@ -7,14 +7,17 @@ from typing import Any, Callable
 
 import flax.linen as nn
 
+from ecdit.layers.matmul import dense_dot_general
+
 xavier = nn.initializers.xavier_uniform()
 zeros = nn.initializers.zeros_init()
 
 
 def logical_dense(features: int, axes: tuple[str, str], name: str, dtype: Any, param_dtype: Any,
                   kernel_init: Callable = xavier) -> nn.Dense:
-  """nn.Dense whose kernel has logical axes `axes` (in, out) and whose bias has `axes[1:]`."""
-  return nn.Dense(features, dtype=dtype, param_dtype=param_dtype, name=name,
+  """nn.Dense whose kernel has logical axes `axes` (in, out) and whose bias has `axes[1:]`; in bfloat16 compute
+  its products accumulate in float32 (`ecdit.layers.matmul`)."""
+  return nn.Dense(features, dtype=dtype, param_dtype=param_dtype, name=name, dot_general=dense_dot_general,
                   kernel_init=nn.with_logical_partitioning(kernel_init, axes),
                   bias_init=nn.with_logical_partitioning(zeros, axes[1:]))
 

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from ecdit.layers.dense import logical_dense
+from ecdit.layers.matmul import expert_matmul
 
 # tanh-approximate GeLU, as in the DiT and PixArt-α FFNs (PyTorch `nn.GELU(approximate='tanh')`); an exported
 # model must use the same approximation.
@@ -51,8 +52,8 @@ def run_experts(xe: jax.Array, wi, bi, wo, bo, model_axis: str | None = None) ->
   `model_axis` (inside shard_map, the hidden width split over it, Megatron style): each device holds
   `wi[:, :, h_l]`, `wo[:, h_l, :]`; the partial products are psummed before the output bias is added once."""
   xe = checkpoint_name(xe, EXPERT_IN)   # train.remat='save_moe' keeps these two: no dispatch or all_to_all
-  h = jnp.einsum('egcd,edh->egch', xe, wi) + bi[:, None, None, :]   # is run again in the backward pass
-  out = jnp.einsum('egch,ehd->egcd', gelu(h), wo)
+  h = expert_matmul(xe, wi) + bi[:, None, None, :]   # is run again in the backward pass
+  out = expert_matmul(gelu(h), wo)
   if model_axis:
     out = jax.lax.psum(out, model_axis)
   return checkpoint_name(out + bo[:, None, None, :], EXPERT_OUT)
