@@ -125,10 +125,10 @@ def _vae_files(data_cfg) -> tuple[Path, ...]:
 
 
 def _text_card(mcfg: ModelConfig, pretrained) -> tuple[str, str]:
-  """(the text_encoder/ + tokenizer/ layout line, what custom-code loading needs besides torch + diffusers)."""
+  """(the text_encoder/ + tokenizer/ layout line, what custom-code loading needs besides torch)."""
   if pretrained is None:
     return ("ecdit's text transformer and sentencepiece model (ids end with the end id, padding 0, length "
-            f'{mcfg.text_length})', 'sentencepiece')
+            f'{mcfg.text_length})', 'diffusers and sentencepiece')
   model, tok = pretrained.classes
   how = ('padding masked out of attention' if pretrained.uses_mask else
          'causal attention only, padding not masked, as Stable Diffusion runs CLIP')
@@ -136,7 +136,7 @@ def _text_card(mcfg: ModelConfig, pretrained) -> tuple[str, str]:
           f'transformers as `{model}` + `{tok}`; prompts are padded to {mcfg.text_length} tokens, the states are its '
           f'last hidden state after the final layer norm ({how}), and the cross-attention mask is the tokenizer\'s '
           'attention mask. The tokenizer was checked at export to give the run\'s ids on its sample prompts',
-          'transformers' + (' and sentencepiece' if pretrained.kind == 't5' else ''))
+          'diffusers, transformers and sentencepiece' if pretrained.kind == 't5' else 'diffusers and transformers')
 
 
 def model_card(mcfg: ModelConfig, source: dict, sample, latent: bool, pretrained=None) -> str:
@@ -173,7 +173,7 @@ images = pipe(['a red circle'], num_inference_steps={sample.num_steps}, guidance
 ```
 
 Without ecdit, through diffusers' custom-code loading (the `*.py` files here are the code it runs; needs
-torch, diffusers and {needs}):
+torch, {needs}):
 
 ```python
 from diffusers import DiffusionPipeline
