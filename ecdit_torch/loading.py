@@ -62,7 +62,17 @@ def check_transformer_folder(folder: Path) -> None:
                        'do config.json and the weights belong together?')
 
 
+def _dtype_kwargs(cls, dtype: torch.dtype) -> dict:
+  if not issubclass(cls, torch.nn.Module):
+    return {}
+  # transformers 5 reads `dtype` (and would otherwise load the checkpoint's own, e.g. float16); diffusers and
+  # ecdit_torch models read `torch_dtype`.
+  return {'dtype': dtype} if cls.__module__.startswith('transformers.') else {'torch_dtype': dtype}
+
+
 def load_pipeline(folder: str | Path, torch_dtype: torch.dtype | None = None) -> ECDiTPipeline:
+  """torch_dtype: of every model component; default float32, the precision ecdit computes its parity in
+  (a float16 CLIP / T5 checkpoint is read as float32, as ecdit reads it)."""
   folder = Path(folder)
   index = folder / 'model_index.json'
   if not index.is_file():
@@ -81,8 +91,7 @@ def load_pipeline(folder: str | Path, torch_dtype: torch.dtype | None = None) ->
       parts[name] = None
       continue
     cls = _component_class(name, entry, index)
-    kwargs = {'torch_dtype': torch_dtype} if torch_dtype is not None and issubclass(cls, torch.nn.Module) else {}
-    parts[name] = cls.from_pretrained(folder / name, **kwargs)
+    parts[name] = cls.from_pretrained(folder / name, **_dtype_kwargs(cls, torch_dtype or torch.float32))
   extras = {k: conf[k] for k in ('text_length', 'text_encoder_uses_mask', 'default_num_inference_steps',
                                  'default_guidance_scale') if k in conf}
   return ECDiTPipeline(**parts, **extras)

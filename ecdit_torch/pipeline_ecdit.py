@@ -3,22 +3,25 @@
     images = pipe(['a red circle', 'two squares'], num_inference_steps=25, guidance_scale=3.0,
                   generator=torch.Generator().manual_seed(0), output_type='pil').images
 
-The sampler is `ecdit sample`'s Euler rule: x runs from t = 1 (noise) to t = 0 on the uniform grid
-t_i = 1 − i/n, x ← x + (t_{i+1} − t_i)·v, with classifier-free guidance v = v_u + s·(v_c − v_u) where v_u
-conditions on the empty caption (the training's dropped caption); s = 1 skips the unconditional pass. The
-scheduler is diffusers' FlowMatchEulerDiscreteScheduler (shift 1) given exactly those sigmas. Latents are
-NCHW, `[B, C, H, W]` (the model's in_channels and image_size; VAE latents for latent runs, which `vae`
-decodes). Pass `latents=` to start from chosen noise.
+The sampler is `ecdit sample`'s: x runs from t = 1 (noise) to t = 0 on the uniform grid t_i = 1 − i/n, with
+classifier-free guidance v = v_u + s·(v_c − v_u) where v_u conditions on the empty caption (the training's
+dropped caption); s = 1 skips the unconditional pass. The scheduler decides the rule, on exactly that grid:
+diffusers' FlowMatchEulerDiscreteScheduler (shift 1): Euler, x ← x + (t_{i+1} − t_i)·v (`--sampler=euler`);
+FlowMatchHeunDiscreteScheduler: Heun, the slopes at both ends of an interval averaged, the last interval (to
+t = 0) a plain Euler step (`--sampler=heun`). Latents are NCHW, `[B, C, H, W]` (the model's in_channels and
+image_size; VAE latents for latent runs, which `vae` decodes). Pass `latents=` to start from chosen noise.
 
-Components: transformer (ECDiTTransformer2DModel), scheduler, text_encoder + tokenizer (ecdit's own, or a
-pretrained CLIP / T5 from transformers), vae (AutoencoderKL, or None for pixel-space runs). This file imports
-only torch, numpy and diffusers (it is copied into exported folders).
+Components: transformer (ECDiTTransformer2DModel), scheduler, text_encoder + tokenizer (ecdit's own, or the
+run's pretrained T5EncoderModel + T5TokenizerFast / CLIPTextModel + CLIPTokenizer from transformers: its last
+hidden state, after the final layer norm, as ecdit's JAX encoders give it), vae (AutoencoderKL, or None for
+pixel-space runs). This file imports only torch, numpy and diffusers (it is copied into exported folders).
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
+from diffusers.schedulers import FlowMatchHeunDiscreteScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
 
@@ -43,10 +46,23 @@ class ECDiTPipeline(DiffusionPipeline):
     """(states float32 [B, L, D], mask bool [B, L])."""
     enc = self.tokenizer(prompts, padding='max_length', max_length=self.config.text_length, truncation=True,
                          return_tensors='pt')
-    ids, mask = enc['input_ids'].to(device), enc['attention_mask'].to(device).bool()
-    out = self.text_encoder(ids, attention_mask=mask if self.config.text_encoder_uses_mask else None)
-    states = out if torch.is_tensor(out) else out[0]
-    return states.float(), mask
+    ids, mask = enc['input_ids'].to(device), enc['attention_mask'].to(device)
+    out = self.text_encoder(ids, attention_mask=mask.long() if self.config.text_encoder_uses_mask else None)
+    states = out if torch.is_tensor(out) else out[0]   # transformers: last_hidden_state (final norm applied)
+    return states.float(), mask.bool()
+
+  def _set_grid(self, steps: int, device) -> None:
+    """The scheduler's sigmas = ecdit's grid t_i = 1 − i/n (float32), ending at t = 0."""
+    grid = np.linspace(1.0, 0.0, steps + 1, dtype=np.float32)
+    if not isinstance(self.scheduler, FlowMatchHeunDiscreteScheduler):
+      self.scheduler.set_timesteps(sigmas=grid[:-1], device=device)   # the final t = 0 appended by the scheduler
+      return
+    # Heun's set_timesteps takes no sigmas: build its layout (each inner point twice: the end of the Euler
+    # predictor, the start of the next interval) on ecdit's grid instead of its own.
+    self.scheduler.set_timesteps(steps, device=device)
+    g = torch.from_numpy(grid).to(device)
+    self.scheduler.sigmas = torch.cat([g[:1], g[1:-1].repeat_interleave(2), g[-1:]])
+    self.scheduler.timesteps = self.scheduler.sigmas[:-1] * self.scheduler.config.num_train_timesteps
 
   def _velocity(self, x, t, states, mask, null_states, null_mask, guidance_scale):
     b = x.shape[0]
@@ -81,9 +97,10 @@ class ECDiTPipeline(DiffusionPipeline):
     x = latents.to(device=device, dtype=torch.float32)
     states, mask = self.encode_prompt(prompts, device)
     null_states, null_mask = self.encode_prompt([''], device) if scale != 1.0 else (None, None)
-    # ecdit's grid t_i = 1 − i/n (float32), the final t = 0 appended by the scheduler.
-    self.scheduler.set_timesteps(sigmas=np.linspace(1.0, 0.0, steps + 1, dtype=np.float32)[:-1], device=device)
-    with self.progress_bar(total=steps) as bar:
+    self._set_grid(steps, device)
+    # The model runs at sigmas[i] on the x the scheduler left: Euler's t_i; Heun's t_i, then its corrector's
+    # t_{i+1} on the predicted x.
+    with self.progress_bar(total=len(self.scheduler.timesteps)) as bar:
       for i, timestep in enumerate(self.scheduler.timesteps):
         v = self._velocity(x, self.scheduler.sigmas[i], states, mask, null_states, null_mask, scale)
         x = self.scheduler.step(v, timestep, x, return_dict=False)[0]

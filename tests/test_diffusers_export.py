@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip('torch', reason='torch is not installed (pip install -e .[torch])')
-pytest.importorskip('diffusers', reason='diffusers is not installed (pip install -e .[torch])')
+diffusers = pytest.importorskip('diffusers', reason='diffusers is not installed (pip install -e .[torch])')
 
 from _train_util import saved_workdir, tiny_config  # noqa: E402
 from ecdit.data.tokenizer import Tokenizer, train_sentencepiece  # noqa: E402
@@ -45,13 +45,16 @@ def tokenizer_file(tmp_path_factory):
   return train_sentencepiece(CAPTIONS * 4, 48, tmp_path_factory.mktemp('tok') / 'tok.model')
 
 
-def make_workdir(root, tokenizer_file, **model):
+def make_workdir(root, tokenizer_file, data=(), sample=(), **model):
   """A tiny run's workdir with one checkpoint (step 4) of perturbed step-0 params (EMA = 0.5·params)."""
   cfg = tiny_config()
   for k, v in model.items():
     cfg.model[k] = v
   cfg.data.tokenizer_path = str(tokenizer_file)
   cfg.sample.cfg_scale = 3.0
+  for section, values in (('data', data), ('sample', sample)):
+    for k, v in dict(values).items():
+      cfg[section][k] = v
   saved_workdir(root / 'run', cfg, step=4, seed=7)
   return root / 'run'
 
@@ -91,6 +94,25 @@ def jax_images(run, prompts, noise_nhwc, steps, scale):
   x = sampler_lib.integrate(apply_fn, run.params, jnp.asarray(noise_nhwc), ids, mask, null_ids, null_mask,
                             num_steps=steps, cfg_scale=scale)
   return (np.clip(np.asarray(x), -1.0, 1.0) + 1.0) / 2.0
+
+
+def sampled_pixels(run, prompts, *, seed, steps, scale, method='euler'):
+  """`ecdit sample`'s images as floats in [0, 1] (sampler.from_config + sample_prompts before the uint8
+  rounding: the run's prompt encoder, its VAE decoder for latent runs) and the initial noise NCHW."""
+  fn = sampler_lib.from_config(run.model, run.cfg.sample, clip=run.decode is None, num_steps=steps, cfg_scale=scale,
+                               method=method)
+
+  def as_jax(a):   # ids stay integers, text states floats (sampler._text_array)
+    return jnp.asarray(a, jnp.int32 if np.issubdtype(np.asarray(a).dtype, np.integer) else jnp.float32)
+
+  text, mask = run.tokenizer.encode_batch(list(prompts))
+  null_text, null_mask = run.tokenizer.encode_batch([''])
+  x = fn(run.params, as_jax(text), jnp.asarray(mask), as_jax(null_text), jnp.asarray(null_mask), seed)
+  x = run.decode(x) if run.decode is not None else x
+  mcfg = run.model_config
+  noise = sampler_lib.initial_noise(seed, len(prompts), (mcfg.image_size, mcfg.image_size, mcfg.in_channels))
+  pixels = (np.clip(np.asarray(x, np.float32), -1.0, 1.0) + 1.0) / 2.0
+  return pixels, torch.from_numpy(np.array(noise)).permute(0, 3, 1, 2)
 
 
 def test_folder_layout(exported):
@@ -231,6 +253,139 @@ def test_transformer_config_keys_are_model_config_fields():
           'top_k', 'moe_every', 'num_kv_heads'} <= set(dexport.TRANSFORMER_KEYS)
 
 
+# ---- a run with a pretrained text encoder: CLIP in Stable Diffusion's layout, sampled with Heun ---------------
+
+CLIP_LENGTH = 12   # of the tiny CLIP's 16 positions
+CLIP_PROMPTS = ['A red cube left of a blue sphere!', 'two green cats', '', ' '.join(['two green cats'] * 10)]
+
+
+@pytest.fixture(scope='module')
+def clip_export(tmp_path_factory, tokenizer_file):
+  """(SD-layout folder with text_encoder/ + tokenizer/, restored EMA run, exported folder) of a perturbed EC run
+  that conditions on a tiny random CLIPTextModel's states and samples with Heun."""
+  transformers = pytest.importorskip('transformers', reason='transformers is not installed (pip install -e .[torch])')
+  from test_text_pretrained import _clip_bpe
+  from ecdit.train import workdir as workdir_lib
+  root = tmp_path_factory.mktemp('clip')
+  sd = root / 'sd'
+  (sd / 'tokenizer').mkdir(parents=True)
+  vocab = _clip_bpe(sd / 'tokenizer')
+  torch.manual_seed(0)
+  clip = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+      vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+      max_position_embeddings=16, bos_token_id=vocab - 2, eos_token_id=vocab - 1, pad_token_id=vocab - 1)).eval()
+  with torch.no_grad():
+    for p in clip.parameters():   # layer norms start at 1: perturb everything
+      p.add_(0.1 * torch.randn_like(p))
+  clip.save_pretrained(sd / 'text_encoder')
+  workdir = make_workdir(root, tokenizer_file, data={'text_encoder_dir': str(sd / 'text_encoder'),
+                                                     'text_length': CLIP_LENGTH},
+                         sample={'sampler': 'heun', 'prompts': 'a red cube;two green cats'},
+                         text_encoder='precomputed', text_states_dim=32, **ROUTINGS['ec'])
+  run = workdir_lib.restore(workdir, ema=True)
+  return sd, run, dexport.export_diffusers(workdir, root / 'pipe', ema=True, run=run)
+
+
+def test_pretrained_text_encoder_folder_layout(clip_export):
+  sd, _, out = clip_export
+  index = json.loads((out / 'model_index.json').read_text())
+  assert index['text_encoder'] == ['transformers', 'CLIPTextModel']
+  assert index['tokenizer'] == ['transformers', 'CLIPTokenizer']
+  assert index['scheduler'] == ['diffusers', 'FlowMatchHeunDiscreteScheduler']   # the run's sample.sampler
+  assert index['text_encoder_uses_mask'] is False and index['text_length'] == CLIP_LENGTH
+  assert {p.name for p in (out / 'text_encoder').iterdir()} == {'config.json', 'model.safetensors'}
+  for name in ('config.json', 'model.safetensors'):   # the folder the run used, byte for byte
+    assert (out / 'text_encoder' / name).read_bytes() == (sd / 'text_encoder' / name).read_bytes()
+  assert {p.name for p in (out / 'tokenizer').iterdir()} == {'vocab.json', 'merges.txt'}
+  card = (out / 'README.md').read_text()
+  assert '`CLIPTextModel` + `CLIPTokenizer`' in card and 'This folder\'s is `FlowMatchHeunDiscreteScheduler`' in card
+  assert json.loads((out / 'ecdit_export.json').read_text())['source']['text_encoder_dir'] == str(sd / 'text_encoder')
+
+
+def test_pretrained_prompt_states_match_ecdit(clip_export):
+  """The pipeline's transformers CLIP gives the states ecdit's JAX CLIP gives `ecdit sample` (every position:
+  unmasked CLIP's padding states are defined too), and the same mask."""
+  _, run, out = clip_export
+  pipe = ecdit_torch.load_pipeline(out)
+  want_states, want_mask = run.tokenizer.encode_batch(CLIP_PROMPTS)
+  states, mask = pipe.encode_prompt(CLIP_PROMPTS, 'cpu')
+  np.testing.assert_array_equal(mask.numpy(), want_mask)
+  assert want_mask[3].all() and want_mask[2].sum() == 2   # truncated to the text length; '' is start + end
+  assert np.max(np.abs(states.numpy() - want_states)) <= 1e-5
+
+
+def test_pretrained_images_match_ecdit_sample_with_heun(clip_export):
+  """The exported scheduler (Heun, the run's sample.sampler) gives `ecdit sample --sampler=heun`'s images."""
+  _, run, out = clip_export
+  pipe = ecdit_torch.load_pipeline(out)
+  prompts = ['a red cube', 'two green cats']
+  ref, noise = sampled_pixels(run, prompts, seed=1, steps=3, scale=3.0, method='heun')
+  got = pipe(prompts, num_inference_steps=3, guidance_scale=3.0, latents=noise, output_type='np').images
+  assert np.max(np.abs(got - ref)) <= 1e-4, np.max(np.abs(got - ref))
+  # Not vacuous: the prompt changes the image, and Heun's differ from Euler's (the scheduler swapped as the
+  # model card says; Euler's parity is the tests above), by far more than the tolerance.
+  assert np.max(np.abs(ref[0] - ref[1])) > 1e-2
+  pipe.scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+  euler = pipe(prompts, num_inference_steps=3, guidance_scale=3.0, latents=noise, output_type='np').images
+  assert np.max(np.abs(euler - ref)) > 1e-3
+
+
+def test_a_tokenizer_that_encodes_otherwise_is_refused(clip_export):
+  transformers = pytest.importorskip('transformers')
+  from ecdit.export import text_folder
+  sd, run, _ = clip_export
+  tf = text_folder.inspect(run.cfg.data)
+  assert tf.tokenizer_dir == (sd / 'tokenizer').resolve()   # Stable Diffusion's sibling tokenizer/ folder
+  ours = text_folder.ecdit_tokenizer(tf, CLIP_LENGTH)
+  probes = text_folder.probe_texts(run.cfg.sample.prompts, CLIP_LENGTH)
+  text_folder.check_tokenizer(transformers.CLIPTokenizer.from_pretrained(sd / 'tokenizer'), ours, probes, sd)
+  other_pad = transformers.CLIPTokenizer.from_pretrained(sd / 'tokenizer', pad_token='!')   # as SD 2's is
+  with pytest.raises(ExportError, match=r"CLIPTokenizer in .* encodes 'a red cube' as ids \[") as e:
+    text_folder.check_tokenizer(other_pad, ours, probes, sd)
+  assert '\n' not in str(e.value)
+
+
+@pytest.mark.parametrize('kind', ['clip', 't5'])
+def test_text_encoder_of_a_bigger_checkpoint_is_extracted(tmp_path, kind):
+  """A whole CLIPModel (vision tower too) or an encoder-decoder T5: text_encoder/ gets the text model alone,
+  which transformers loads to the same outputs as the full model's text part."""
+  transformers = pytest.importorskip('transformers')
+  import ml_collections
+  from safetensors import safe_open
+  from test_text_pretrained import _clip_bpe, _spiece
+  from ecdit.export import text_folder
+  src = tmp_path / 'src'
+  src.mkdir()
+  torch.manual_seed(0)
+  if kind == 'clip':
+    vocab = _clip_bpe(src)
+    full = transformers.CLIPModel(transformers.CLIPConfig(
+        text_config=dict(vocab_size=vocab, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=16, bos_token_id=vocab - 2,
+                         eos_token_id=vocab - 1, pad_token_id=vocab - 1),
+        vision_config=dict(hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=8, patch_size=4), projection_dim=8)).eval()
+    ids = torch.tensor([[vocab - 2, 5, 9, vocab - 1]])
+    want = full.text_model(input_ids=ids).last_hidden_state
+  else:
+    full = transformers.T5ForConditionalGeneration(transformers.T5Config(
+        vocab_size=48, d_model=16, d_kv=8, d_ff=24, num_layers=1, num_heads=2, feed_forward_proj='gated-gelu',
+        relative_attention_num_buckets=8, relative_attention_max_distance=20)).eval()
+    _spiece(src)
+    ids = torch.tensor([[5, 9, 11, 1]])
+    want = full.encoder(input_ids=ids).last_hidden_state
+  full.save_pretrained(src)
+  tf = text_folder.inspect(ml_collections.ConfigDict({'text_encoder_dir': str(src)}))
+  text_folder.write_text_encoder(tf, tmp_path / 'te')
+  with safe_open(str(tmp_path / 'te' / 'model.safetensors'), framework='pt') as f:
+    names = set(f.keys())
+  assert names and all(text_folder.keeps(kind, n) for n in names)
+  assert not any(n.startswith(('vision_model', 'decoder', 'lm_head', 'text_projection')) for n in names)
+  model = getattr(transformers, tf.classes[0]).from_pretrained(tmp_path / 'te').eval()
+  with torch.no_grad():
+    np.testing.assert_allclose(model(input_ids=ids).last_hidden_state.numpy(), want.detach().numpy(), atol=1e-6)
+
+
 # ---- bad input ----------------------------------------------------------------------------------------
 
 @pytest.fixture(scope='module')
@@ -303,3 +458,21 @@ def test_inconsistent_transformer_config_is_refused_before_allocating(export_of,
   conf_path.write_text(json.dumps(conf))
   with pytest.raises(ValueError, match=rf'{key}={value}, but the weights hold {key}={right};'):
     ecdit_torch.load_pipeline(bad)
+
+
+@pytest.mark.parametrize('key', ['text_encoder_dir', 'vae_dir'])
+def test_pickled_weights_are_refused_before_the_checkpoint_is_read(tmp_path, key):
+  from ecdit.config import experiment as config_lib
+  folder = tmp_path / 'model'
+  folder.mkdir()
+  text = key == 'text_encoder_dir'
+  (folder / 'config.json').write_text(json.dumps({'model_type': 'clip_text_model'} if text else
+                                                 {'_class_name': 'AutoencoderKL'}))
+  (folder / ('pytorch_model.bin' if text else 'diffusion_pytorch_model.bin')).write_bytes(b'never unpickled')
+  cfg = tiny_config()
+  mcfg = config_lib.validate(cfg)
+  cfg.data[key] = str(folder)   # reproducible() reads the folder, nothing else of the data section
+  with pytest.raises(ExportError, match=rf'data\.{key}=.* holds only pickled weights \(\w+\.bin\); ecdit exports '
+                     'safetensors only') as e:
+    dexport.reproducible(cfg, mcfg)
+  assert '\n' not in str(e.value)

@@ -1,7 +1,9 @@
 """End to end through the real-data path: `ecdit prepare` (VAE latents + T5 text states), `ecdit train` and
-`ecdit sample` on a tiny image folder, with tiny random-weight diffusers / transformers models saved to disk.
+`ecdit sample` on a tiny image folder, with tiny random-weight diffusers / transformers models saved to disk;
+then the run exported to diffusers against `ecdit sample`.
 
-Every command runs in its own process (tests/cli_util.py). Needs the torch extra to build the model folders.
+Every command runs in its own process (tests/cli_util.py), the export check in this one. Needs the torch extra to
+build the model folders.
 """
 import json
 import pathlib
@@ -107,6 +109,43 @@ def test_prepare_train_sample_with_vae_and_t5(setup):
   # The model config must agree with the frozen encoder: a clear one-line error before anything compiles.
   bad = run_cli('train', f'--config={exp}', f'--workdir={root / "bad"}', '--config.model.text_states_dim=24')
   assert bad.returncode != 0 and 'model.text_states_dim=24' in bad.stderr and 'Traceback' not in bad.stderr
+
+  # Exported to diffusers, the run samples as `ecdit sample` does (here, not in a test of its own: with
+  # `pytest -n 2` another worker would repeat the prepare + train).
+  _check_diffusers_export(root, wd)
+
+
+def _check_diffusers_export(root, wd):
+  """The trained latent T5 run as a diffusers folder: T5EncoderModel + T5TokenizerFast from its T5 folder and its
+  VAE, copied; the pipeline's prompt states and images (Euler, CFG, VAE-decoded) equal `ecdit sample`'s."""
+  import ecdit_torch
+  from test_diffusers_export import sampled_pixels
+  from ecdit.export import diffusers as dexport
+  from ecdit.train import workdir as workdir_lib
+  run = workdir_lib.restore(wd)   # raw weights: the EMA of 2 steps is still near the init
+  out = dexport.export_diffusers(wd, root / 'pipe', run=run)
+  index = json.loads((out / 'model_index.json').read_text())
+  assert index['text_encoder'] == ['transformers', 'T5EncoderModel']
+  assert index['tokenizer'] == ['transformers', 'T5TokenizerFast']
+  assert index['vae'] == ['diffusers', 'AutoencoderKL'] and index['text_encoder_uses_mask'] is True
+  for sub, src, names in (('vae', 'vae', ('config.json', 'diffusion_pytorch_model.safetensors')),
+                          ('text_encoder', 't5', ('config.json', 'model.safetensors'))):
+    assert sorted(p.name for p in (out / sub).iterdir()) == sorted(names)
+    assert all((out / sub / n).read_bytes() == (root / src / n).read_bytes() for n in names)
+  assert (out / 'tokenizer' / 'spiece.model').read_bytes() == (root / 't5' / 'spiece.model').read_bytes()
+
+  pipe = ecdit_torch.load_pipeline(out)
+  prompts = ['a red thing', 'a blue thing', '']
+  want_states, want_mask = run.tokenizer.encode_batch(prompts)   # ecdit's JAX T5, as `ecdit sample` encodes
+  states, mask = pipe.encode_prompt(prompts, 'cpu')
+  np.testing.assert_array_equal(mask.numpy(), want_mask)
+  assert np.max(np.abs(states.numpy() - want_states)[want_mask]) <= 1e-5   # padding is masked: never read
+
+  ref, noise = sampled_pixels(run, prompts[:2], seed=2, steps=2, scale=3.0)
+  got = pipe(prompts[:2], num_inference_steps=2, guidance_scale=3.0, latents=noise, output_type='np').images
+  assert got.shape == ref.shape == (2, 64, 64, 3)
+  assert np.max(np.abs(ref[0] - ref[1])) > 1e-2   # the prompt matters: the check is not vacuous
+  assert np.max(np.abs(got - ref)) <= 1e-4, np.max(np.abs(got - ref))
 
 
 @pytest.mark.slow

@@ -8,8 +8,8 @@ safetensors: `model.safetensors`, `config.json`, `README.md` (tensor table) and 
 has one; load with `ecdit.export.torch_reference.load_model(dir)` (PyTorch) or `ecdit.export.load_jax(dir)`.
 stablehlo: `velocity.jax_exported` and `sampler.jax_exported` (symbolic batch; see ecdit/export/stablehlo.py);
 load with `ecdit.export.load_stablehlo(dir)`.
-diffusers: a DiffusionPipeline folder (model_index.json, transformer/, text_encoder/, tokenizer/, scheduler/,
-model card); load with `ecdit_torch.load_pipeline(dir)` or `DiffusionPipeline.from_pretrained(dir,
+diffusers: a DiffusionPipeline folder (model_index.json, transformer/, text_encoder/ + tokenizer/ (ecdit's, or
+the run's pretrained T5 / CLIP for transformers), scheduler/, vae/ for latent runs, model card); load with `ecdit_torch.load_pipeline(dir)` or `DiffusionPipeline.from_pretrained(dir,
 trust_remote_code=True)`. See ecdit/export/diffusers.py.
 """
 from __future__ import annotations

@@ -87,15 +87,37 @@ def fingerprint_folder(folder: pathlib.Path, extra: str = '') -> str:
   return h.hexdigest()[:10]
 
 
-def _tokenizer_dir(folder: pathlib.Path, tokenizer_dir, needed: Sequence[str]) -> pathlib.Path:
-  if tokenizer_dir:
-    return pathlib.Path(tokenizer_dir).expanduser()
+# What each kind needs: the tokenizer files ecdit reads, the transformers classes that run the same model
+# (the diffusers export names them), and whether attention skips padding by default.
+TOKENIZER_FILES = {'t5': ('spiece.model',), 'clip': ('vocab.json', 'merges.txt')}
+TRANSFORMERS_CLASSES = {'t5': ('T5EncoderModel', 'T5TokenizerFast'), 'clip': ('CLIPTextModel', 'CLIPTokenizer')}
+USES_MASK = {'t5': True, 'clip': False}   # CLIP runs as Stable Diffusion runs it: causal attention only
+
+
+def folder_kind(raw: dict, path: pathlib.Path) -> str:
+  """'t5' | 'clip' from a text encoder folder's config.json contents; LoadError for any other model_type."""
+  model_type = raw.get('model_type')
+  if model_type in ('t5', 'mt5', 'umt5'):
+    return 't5'
+  if model_type in ('clip_text_model', 'clip'):
+    return 'clip'
+  raise LoadError(f'{path / "config.json"}: model_type={model_type!r}; supported text encoders: '
+                  't5 (T5EncoderModel / T5 checkpoints) and clip_text_model / clip')
+
+
+def find_tokenizer_dir(folder: pathlib.Path, kind: str, explicit=None) -> pathlib.Path:
+  """Where the tokenizer files of a text encoder folder are: `explicit`, else the folder itself, else a sibling
+  `tokenizer/` (Stable Diffusion's layout); the folder when neither has them (the tokenizer then names the
+  missing file)."""
+  if explicit:
+    return pathlib.Path(explicit).expanduser()
+  needed = TOKENIZER_FILES[kind]
   if all((folder / n).is_file() for n in needed):
     return folder
   sibling = folder.parent / 'tokenizer'
   if all((sibling / n).is_file() for n in needed):
     return sibling
-  return folder   # the tokenizer then reports the missing file in this folder
+  return folder
 
 
 def load_text_encoder(folder: str | pathlib.Path, length: int | None = None, *, dtype: str = 'float32',
@@ -111,37 +133,30 @@ def load_text_encoder(folder: str | pathlib.Path, length: int | None = None, *, 
   path = hf.require_dir(folder, 'text encoder')
   requested = length
   raw = hf.read_config(path)
-  model_type = raw.get('model_type')
+  kind = folder_kind(raw, path)
   compute = jnp.dtype(dtype)
-  if model_type in ('t5', 'mt5', 'umt5'):
+  masked = USES_MASK[kind] if use_mask is None else use_mask
+  tok_dir = find_tokenizer_dir(path, kind, tokenizer_dir)
+  if kind == 't5':
     cfg = t5_encoder.T5Config.from_json(raw, path)
     params = t5_encoder.load_params(path, cfg)
-    tok_dir = _tokenizer_dir(path, tokenizer_dir, ['spiece.model'])
     tokenizer = t5_encoder.T5Tokenizer(tok_dir / 'spiece.model', length or 120, cfg)
     module = t5_encoder.T5Encoder(cfg, compute)
-    masked = True if use_mask is None else use_mask
 
     def apply(p, ids, mask):
       return module.apply(p, ids, mask if masked else jnp.ones_like(mask))
-    kind = 't5'
-  elif model_type in ('clip_text_model', 'clip'):
+  else:
     cfg = clip_text.CLIPTextConfig.from_json(raw, path)
     length = length or cfg.max_positions
     if length > cfg.max_positions:
       raise ValueError(f'text length {length} exceeds the CLIP model\'s {cfg.max_positions} positions '
                        f'({path / "config.json"} max_position_embeddings)')
     params = clip_text.load_params(path, cfg)
-    tok_dir = _tokenizer_dir(path, tokenizer_dir, ['vocab.json', 'merges.txt'])
     tokenizer = clip_text.CLIPTokenizer(tok_dir, length, cfg)
     module = clip_text.CLIPTextTransformer(cfg, compute)
-    masked = False if use_mask is None else use_mask
 
     def apply(p, ids, mask):
       return module.apply(p, ids, mask if masked else None)[0]
-    kind = 'clip'
-  else:
-    raise LoadError(f'{path / "config.json"}: model_type={model_type!r}; supported text encoders: '
-                    't5 (T5EncoderModel / T5 checkpoints) and clip_text_model / clip')
   params = jax.tree_util.tree_map(jnp.asarray, params)
   return PretrainedTextEncoder(kind=kind, cfg=cfg, params=params, tokenizer=tokenizer, apply=apply,
                                folder=path.resolve(), requested_length=requested)

@@ -24,7 +24,7 @@ from ecdit.config import data as data_config
 from ecdit.config.experiment import ConfigError
 from ecdit.data.prepare import load_or_train_tokenizer
 from ecdit.models import clip_text, hf_loading as hf, t5_encoder
-from ecdit.models.text_pretrained import load_text_encoder
+from ecdit.models.text_pretrained import folder_kind, load_text_encoder
 from ecdit.models.vae import VAEConfig, load_vae
 
 
@@ -48,14 +48,10 @@ def uses_vae(data_cfg) -> bool:
 def _text_states_dim(folder: pathlib.Path) -> tuple[str, int, int | None]:
   """(kind, states width, max positions or None) of a text encoder folder, from config.json only."""
   raw = hf.read_config(hf.require_dir(folder, 'text encoder'))
-  kind = raw.get('model_type')
-  if kind in ('t5', 'mt5', 'umt5'):
+  if folder_kind(raw, folder) == 't5':
     return 't5', t5_encoder.T5Config.from_json(raw, folder).d_model, None
-  if kind in ('clip_text_model', 'clip'):
-    c = clip_text.CLIPTextConfig.from_json(raw, folder)
-    return 'clip', c.hidden_size, c.max_positions
-  raise hf.LoadError(f'{folder / "config.json"}: model_type={kind!r}; supported text encoders: t5, '
-                     'clip_text_model / clip')
+  c = clip_text.CLIPTextConfig.from_json(raw, folder)
+  return 'clip', c.hidden_size, c.max_positions
 
 
 def check(cfg, mcfg) -> None:
