@@ -87,3 +87,19 @@ def test_float32_is_the_plain_path():
   xe, we = x.reshape(2, 1, 2, 8), jnp.stack([w, 2 * w])
   np.testing.assert_array_equal(matmul.expert_matmul(xe, we), jnp.einsum('egcd,edh->egch', xe, we))
   assert _dots(_dense, x, w) == [(('float32', 'float32'), 'float32')]
+
+
+def test_remat_dots_saves_the_bfloat16_products_too(capsys):
+  """train.remat='dots' keeps the weight-matmul outputs in bfloat16 compute as in float32: the custom VJP hides
+  its dot from jax's dots policy, so the policy also saves them by name."""
+  from jax.ad_checkpoint import print_saved_residuals   # jax's public view of what a policy saves
+
+  from ecdit.models.stack import checkpoint_policy
+
+  def f(x, w1, w2):
+    return jnp.sum(_dense(jnp.tanh(_dense(x, w1)), w2).astype(jnp.float32))
+  for dt in (jnp.float32, BF16):
+    x, w1, w2 = jnp.ones((8, 16), dt), jnp.ones((16, 32), dt), jnp.ones((32, 4), dt)
+    print_saved_residuals(jax.checkpoint(f, policy=checkpoint_policy('dots')), x, w1, w2)
+    saved = sorted(line.split()[0].split('[')[1] for line in capsys.readouterr().out.splitlines())
+    assert saved == ['16,32]', '32,4]', '8,16]', '8,32]'], (dt, saved)   # the arguments, and the first product

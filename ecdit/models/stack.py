@@ -27,6 +27,7 @@ from ecdit.config.experiment import REMAT_POLICIES
 from ecdit.config.model import ModelConfig
 from ecdit.layers.dit import MOE_OUT, DiTBlock
 from ecdit.layers.moe.ffn import EXPERT_IN, EXPERT_OUT
+from ecdit.layers.matmul import DENSE_OUT
 
 SCANNED = 'blocks'   # the scanned stack's module name
 _BLOCK = re.compile(r'block_(\d+)$')
@@ -36,7 +37,8 @@ def checkpoint_policy(name: str):
   """The `jax.checkpoint` policy of a REMAT_POLICIES name ('none' is not rematerialised at all).
 
   full      save nothing: every activation of the unit is recomputed in the backward pass
-  dots      save the outputs of weight matmuls (no batch dimension), recompute the rest
+  dots      save the outputs of weight matmuls (no batch dimension), recompute the rest; in bfloat16 compute
+            those are `ecdit.layers.matmul`'s custom-VJP products, which the policy finds by name
   save_moe  save only the MoE layers' expert inputs (after dispatch), expert outputs and combined outputs:
             the backward pass runs no routing, dispatch or all_to_all again, only the experts' first matmul;
             attention and dense FFNs are recomputed
@@ -44,7 +46,9 @@ def checkpoint_policy(name: str):
   if name not in REMAT_POLICIES:
     raise ValueError(f'train.remat={name!r} is invalid: expected one of {list(REMAT_POLICIES)}')
   return {'full': None,
-          'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+          'dots': jax.checkpoint_policies.save_from_both_policies(
+              jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+              jax.checkpoint_policies.save_only_these_names(DENSE_OUT)),
           'save_moe': jax.checkpoint_policies.save_only_these_names(MOE_OUT, EXPERT_IN, EXPERT_OUT)}.get(name)
 
 
