@@ -217,7 +217,9 @@ def test_expert_choice_sows_no_aux_loss(params, x):
 
 # ---- statistics --------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize('scope', [dict(), dict(routing_scope='group', group_size=12), dict(routing_scope='batch')])
+# capacity_factor=1.3: C = floor(8·1.3/4) = floor(2.6) = 2, a product the rounding rule matters for
+@pytest.mark.parametrize('scope', [dict(), dict(routing_scope='group', group_size=12), dict(routing_scope='batch'),
+                                   dict(capacity_factor=1.3)])
 def test_stats_consistent(params, x, scope):
   cfg = cfg_with(**scope)
   _, out = apply(cfg, params, x)
@@ -278,14 +280,19 @@ def test_token_choice_top2_stats_by_hand():
 
 
 def test_token_choice_top2_layer_stats_match_the_naive_plan(params, x):
-  """Through the layer at k=2 (C = floor(8·0.5·2/4) = 2): the dropped share and the mean gate of the numpy
-  plan."""
-  _, out = apply(TOKEN_CHOICE, params, x)
+  """Through the layer at k=2 with C = floor(8·0.7·2/4) = floor(2.8) = 2: the experts per token, the dropped
+  share and the mean gate of the numpy plan."""
+  cfg = cfg_with(TOKEN_CHOICE, capacity_factor=0.7)
+  _, out = apply(cfg, params, x)
   stats = {k: v[0] for k, v in out['moe_stats'].items()}
-  plan = naive_assignments(TOKEN_CHOICE, params, x)
+  plan = naive_assignments(cfg, params, x)
+  counts = np.zeros((B, S), np.int32)
+  for g, s, _ in plan:
+    counts[g, s] += 1
+  np.testing.assert_array_equal(stats['experts_per_token'], counts)
   assert len(plan) < B * S * 2                                  # some requests were dropped
   np.testing.assert_allclose(stats['dropped_fraction'], 1 - len(plan) / (B * S * 2), rtol=1e-6)
-  _, probs = naive_logits_probs(TOKEN_CHOICE, params, x)
+  _, probs = naive_logits_probs(cfg, params, x)
   np.testing.assert_allclose(stats['mean_gate'], np.mean([probs[g, s, e] for g, s, e in plan]), rtol=1e-5)
 
 
