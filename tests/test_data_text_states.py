@@ -7,12 +7,12 @@ from ecdit.data import pipeline
 from ecdit.data import prepare as prepare_lib
 from ecdit.models import text_pretrained as tp
 from test_data_folder import folder_cfg, make_folder
-from test_latents import _random_clip_folder
+from _hf_folders import write_clip
 
 
 def test_prepare_and_pipeline_with_precomputed_text_states(tmp_path):
   src = make_folder(tmp_path / 'src', n=4)
-  clip = _random_clip_folder(tmp_path / 'clip')
+  clip = write_clip(tmp_path / 'clip')
   cfg = folder_cfg(tmp_path / 'data', src, image_size=16, text_encoder_dir=str(clip), text_length=10,
                    caption_dropout=0.5, text_states_dtype='float32')
   path = prepare_lib.prepare(cfg, verbose=False)

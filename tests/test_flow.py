@@ -67,9 +67,41 @@ def test_flow_loss(mask_ratio):
   loss, aux = flow.flow_loss(apply_fn, 1.0, batch, key, mask_ratio=mask_ratio, patch_size=2)
   assert float(aux['flow_loss']) < 1e-8 and float(aux['aux_loss']) == 0.5
   np.testing.assert_allclose(loss, 0.5, atol=1e-6)
-  # A prediction scaled by 0 has loss E[(eps - x0)^2] = 1 + x0^2 over the kept tokens.
-  loss0, aux0 = flow.flow_loss(apply_fn, 0.0, batch, key, mask_ratio=mask_ratio, patch_size=2)
-  assert abs(float(aux0['flow_loss']) - (1 + x0_value ** 2)) < 0.35
+
+
+@pytest.mark.parametrize('mask_ratio', [0.0, 0.5])
+def test_flow_loss_is_the_mse_assembled_by_hand(mask_ratio):
+  """A model predicting the constant 0.3 sees x_t, t and the kept positions (passed back through its
+  collections). From those alone: ε = (x_t − (1−t)·x0)/t (the interpolation solved for the noise), the
+  target ε − x0 in 2×2 patches (row-major over the patch grid), the kept rows, and the loss is the mean of
+  (0.3 − target)² over them. A constant prediction makes the order inside a patch irrelevant, so the
+  patches are cut here by plain numpy reshapes."""
+  b, hw, c, p, x0_value = 4, 8, 3, 2, 0.25
+  batch = {'x0': jnp.full((b, hw, hw, c), x0_value), 'text': jnp.zeros((b, 5), jnp.int32),
+           'text_mask': jnp.ones((b, 5), bool)}
+
+  def apply_fn(params, x, t, ids, mask, keep_idx):
+    n = (hw // p) ** 2 if keep_idx is None else keep_idx.shape[1]
+    shape = (b, hw, hw, c) if keep_idx is None else (b, n, p * p * c)
+    return jnp.full(shape, 0.3), {'moe_stats': {'x': x, 't': t, 'keep': keep_idx}}
+  loss, aux = flow.flow_loss(apply_fn, None, batch, jax.random.key(3), mask_ratio=mask_ratio, patch_size=p)
+  seen = aux['moe_stats']
+  x, t = np.asarray(seen['x'], np.float64), np.asarray(seen['t'], np.float64)
+  assert t.shape == (b,) and np.all((t > 0) & (t < 1)) and len(set(t.tolist())) == b   # one t per image
+  eps = (x - (1 - t[:, None, None, None]) * x0_value) / t[:, None, None, None]
+  # the noise is standard normal (768 values: the standard error of the std is 0.026)
+  assert abs(eps.mean()) < 0.15 and abs(eps.std() - 1) < 0.12
+  target = (eps - x0_value).reshape(b, hw // p, p, hw // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+  target = target.reshape(b, (hw // p) ** 2, p * p * c)                                # [B, N, patch_dim]
+  if mask_ratio:
+    keep = np.asarray(seen['keep'])
+    assert keep.shape == (b, 8)                                                        # half of 16 tokens
+    target = np.stack([target[i, keep[i]] for i in range(b)])
+  else:
+    assert seen['keep'] is None
+  want = np.mean(np.square(0.3 - target))
+  np.testing.assert_allclose(float(aux['flow_loss']), want, rtol=1e-5)
+  np.testing.assert_allclose(float(loss), want, rtol=1e-5)    # no balance loss sown
 
 
 class _Linear:

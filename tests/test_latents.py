@@ -1,6 +1,5 @@
 """Precomputing VAE latents and text states into a new dataset beside a prepared one (no torch needed)."""
 import hashlib
-import json
 import pathlib
 
 import numpy as np
@@ -9,30 +8,12 @@ import pytest
 from ecdit.data import latents
 from ecdit.data import prepare as prepare_lib
 from ecdit.data import reader
-from ecdit.models import clip_text, hf_loading
 from ecdit.models import text_pretrained as tp
 from ecdit.models import vae as vae_lib
 from test_data_folder import folder_cfg, make_folder
-from test_text_pretrained import _clip_bpe
+from _hf_folders import write_clip
 
 TINY_VAE = vae_lib.VAEConfig(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4)
-
-
-def _random_clip_folder(folder: pathlib.Path) -> pathlib.Path:
-  """A CLIP text model folder with random weights, written with numpy only (names from the weight table)."""
-  from safetensors.numpy import save_file   # pylint: disable=import-outside-toplevel
-  folder.mkdir()
-  vocab = _clip_bpe(folder)
-  cfg = clip_text.CLIPTextConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_layers=1,
-                                 num_heads=2, max_positions=12, bos_id=vocab - 2, eos_id=vocab - 1)
-  (folder / 'config.json').write_text(json.dumps({
-      'model_type': 'clip_text_model', 'vocab_size': vocab, 'hidden_size': 16, 'intermediate_size': 32,
-      'num_hidden_layers': 1, 'num_attention_heads': 2, 'max_position_embeddings': 12,
-      'bos_token_id': vocab - 2, 'eos_token_id': vocab - 1}))
-  rng = np.random.RandomState(0)
-  save_file({e.source: rng.normal(0, 0.3, hf_loading._source_shape(e)).astype(np.float32)   # pylint: disable=protected-access
-             for e in clip_text.weight_table(cfg)}, str(folder / 'model.safetensors'))
-  return folder
 
 
 def _tree_hash(path: pathlib.Path) -> str:
@@ -55,7 +36,7 @@ def test_round_trip_resume_and_old_untouched(prepared, tmp_path, monkeypatch):
   src, root = prepared
   before = _tree_hash(src)
   vae = vae_lib.VAE.random(TINY_VAE)
-  enc = tp.load_text_encoder(_random_clip_folder(tmp_path / 'clip'))
+  enc = tp.load_text_encoder(write_clip(tmp_path / 'clip'))
 
   # First run: dies after one batch of two; the finished batch is kept.
   real_encode, calls = vae.encode, []

@@ -13,6 +13,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import yaml   # PyYAML: a pinned test dependency (requirements-test.txt), so these tests never skip
 
 from ecdit.parallel import distributed
 
@@ -327,7 +328,6 @@ def _gke(argv):
 
 
 def test_gke_tpu_jobset_parses_and_carries_values():
-  yaml = pytest.importorskip('yaml')
   doc = yaml.safe_load(gke.render(_gke(['--tpu_accelerator=tpu-v5-lite-podslice', '--tpu_topology=4x4',
                                         '--num_slices=2'])))
   assert doc['kind'] == 'JobSet' and doc['metadata']['name'] == 'ec-xl'
@@ -346,7 +346,6 @@ def test_gke_tpu_jobset_parses_and_carries_values():
 
 
 def test_gke_gpu_jobset_explicit_coordinator():
-  yaml = pytest.importorskip('yaml')
   doc = yaml.safe_load(gke.render(_gke(['--num_nodes=2', '--gpus_per_node=8',
                                         '--gpu_accelerator=nvidia-h100-80gb'])))
   pod = doc['spec']['replicatedJobs'][0]['template']['spec']['template']['spec']
@@ -369,7 +368,6 @@ def test_gke_rejects_bad_input():
 
 
 def test_yaml_dump_round_trips_awkward_values():
-  yaml = pytest.importorskip('yaml')
   obj = {'plain': NASTY, 'yes': 'no', 'n': ['on', 'null', '1', '0x1f', '', '~', '- a', [], {}],
          NASTY: {'nested': [{'a': 1, 'b': True}, ['x', 'y']]}, 'num': 3}
   assert yaml.safe_load(common.yaml_dump(obj)) == obj

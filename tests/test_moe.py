@@ -2,6 +2,7 @@
 bad input. Tiny float32 shapes: B=3 images of S=8 tokens, width 8, hidden 16, E=4 experts, C=4."""
 import dataclasses
 import functools
+from fractions import Fraction
 
 import flax.linen as nn
 import jax
@@ -12,6 +13,7 @@ import pytest
 from cli_util import run_cli
 
 from ecdit.layers import moe, routing
+from ecdit.layers.moe import router as moe_router
 from ecdit.config.model import ModelConfig
 
 B, S, D, E = 3, 8, 8, 4
@@ -44,14 +46,27 @@ def params(x):
 
 # ---- naive reference: python loop over experts with the assignment computed in numpy ---------------------
 
-def naive_assignments(cfg, params, x):
-  """[(group, token, expert)] for the groups of `x`, from float64 numpy routing."""
+def naive_capacity(cfg, tokens):
+  """Slots per expert per group from the paper's C = S·f_c/E (token choice: S·f_c·k/E, GShard), rounded down,
+  at least 1 and at most S; exact rational arithmetic, not the code's float product."""
+  k = cfg.top_k if cfg.routing == 'token_choice' else 1
+  c = Fraction(tokens) * Fraction(str(cfg.capacity_factor)) * k // cfg.num_experts
+  return int(min(max(c, 1), tokens))
+
+
+def naive_logits_probs(cfg, params, x):
+  """Router logits and softmax probabilities `[G, Sg, E]` of the groups of `x`, in float64 numpy."""
   xg = np.asarray(moe.group_tokens(x, cfg), np.float64)
   logits = xg @ np.asarray(params['router'], np.float64)
   probs = np.exp(logits - logits.max(-1, keepdims=True))
-  probs /= probs.sum(-1, keepdims=True)
+  return logits, probs / probs.sum(-1, keepdims=True)
+
+
+def naive_assignments(cfg, params, x):
+  """[(group, token, expert)] for the groups of `x`, from float64 numpy routing."""
+  _, probs = naive_logits_probs(cfg, params, x)
   groups, tokens, experts = probs.shape
-  cap = cfg.capacity_for(tokens, True)
+  cap = naive_capacity(cfg, tokens)
   out = []
   for g in range(groups):
     if cfg.routing == 'expert_choice':
@@ -202,7 +217,9 @@ def test_expert_choice_sows_no_aux_loss(params, x):
 
 # ---- statistics --------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize('scope', [dict(), dict(routing_scope='group', group_size=12), dict(routing_scope='batch')])
+# capacity_factor=1.3: C = floor(8·1.3/4) = floor(2.6) = 2, a product the rounding rule matters for
+@pytest.mark.parametrize('scope', [dict(), dict(routing_scope='group', group_size=12), dict(routing_scope='batch'),
+                                   dict(capacity_factor=1.3)])
 def test_stats_consistent(params, x, scope):
   cfg = cfg_with(**scope)
   _, out = apply(cfg, params, x)
@@ -211,11 +228,72 @@ def test_stats_consistent(params, x, scope):
   assert counts.shape == (B, S) and counts.dtype == np.int32
   group_len = cfg.group_size or (S if cfg.routing_scope == 'image' else B * S)
   per_group = counts.reshape(-1, group_len).sum(-1)
-  np.testing.assert_array_equal(per_group, E * cfg.capacity_for(group_len, True))
+  np.testing.assert_array_equal(per_group, E * naive_capacity(cfg, group_len))
   hist = np.bincount(counts.ravel(), minlength=E + 1) / counts.size
   np.testing.assert_allclose(stats['experts_per_token_hist'], hist, rtol=1e-6)
   np.testing.assert_allclose(stats['unrouted_fraction'], hist[0], rtol=1e-6)
-  assert 0 < float(stats['mean_gate']) < 1 and float(stats['router_logit_rms']) > 0
+  # mean gate: the router probability of every (token, expert) assignment of the numpy plan, averaged
+  logits, probs = naive_logits_probs(cfg, params, x)
+  plan = naive_assignments(cfg, params, x)
+  np.testing.assert_allclose(stats['mean_gate'], np.mean([probs[g, s, e] for g, s, e in plan]), rtol=1e-5)
+  np.testing.assert_allclose(stats['router_logit_rms'], np.sqrt(np.mean(np.square(logits))), rtol=1e-5)
+
+
+def test_token_choice_top2_stats_by_hand():
+  """One group of 4 tokens, 3 experts, k=2, C=2. Requests are served rank by rank: first choices
+  t0→e0, t1→e1, t2→e0, t3→e1 fill e0 and e1; then t0→e1 and t1→e0 find them full (dropped), t2→e2 and
+  t3→e2 fit. (Served token by token instead, t2's first choice would be the one dropped.)"""
+  probs = np.array([[[0.5, 0.4, 0.1],
+                     [0.4, 0.5, 0.1],
+                     [0.6, 0.1, 0.3],
+                     [0.1, 0.6, 0.3]]], np.float32)
+  logits = np.log(probs)
+
+  @functools.partial(jax.jit, static_argnums=(0, 1))
+  def plan_and_stats(routing_kind, capacity):   # one compile each instead of many eager ops
+    if routing_kind == 'tc':
+      gate, index, valid, chosen = routing.token_choice(jnp.asarray(probs), 2, capacity)
+      return (gate, index, valid, chosen), moe_router.routing_stats(jnp.asarray(logits), gate, index, valid, 2)
+    gate, index = routing.expert_choice(jnp.asarray(probs), capacity)
+    return (gate, index), moe_router.routing_stats(jnp.asarray(logits), gate, index, None, 1)
+
+  (gate, index, valid, chosen), stats = plan_and_stats('tc', 2)
+  np.testing.assert_array_equal(index, [[[0, 2], [1, 3], [2, 3]]])
+  np.testing.assert_array_equal(valid, np.ones((1, 3, 2), bool))
+  np.testing.assert_allclose(gate, [[[0.5, 0.6], [0.5, 0.6], [0.3, 0.3]]], rtol=1e-6)
+  np.testing.assert_array_equal(chosen, [[[1, 1, 0], [1, 1, 0], [1, 0, 1], [0, 1, 1]]])
+  np.testing.assert_array_equal(stats['experts_per_token'], [[1, 1, 2, 2]])
+  np.testing.assert_allclose(stats['experts_per_token_hist'], [0, 0.5, 0.5, 0])
+  assert float(stats['unrouted_fraction']) == 0
+  np.testing.assert_allclose(stats['dropped_fraction'], 2 / 8, rtol=1e-6)          # 2 of 4·2 requests
+  np.testing.assert_allclose(stats['mean_gate'], 2.8 / 6, rtol=1e-6)               # (.5+.6+.5+.6+.3+.3)/6
+  np.testing.assert_allclose(stats['router_logit_rms'], np.sqrt(np.mean(logits.astype(np.float64) ** 2)),
+                             rtol=1e-6)
+  # Expert choice on the same probabilities, C=1: e0 and e2 take t2, e1 takes t3 (3 filled slots).
+  (gate, index), stats = plan_and_stats('ec', 1)
+  np.testing.assert_array_equal(index, [[[2], [3], [2]]])
+  np.testing.assert_array_equal(stats['experts_per_token'], [[0, 0, 2, 1]])
+  np.testing.assert_allclose(stats['experts_per_token_hist'], [0.5, 0.25, 0.25, 0])
+  np.testing.assert_allclose(stats['unrouted_fraction'], 0.5)
+  np.testing.assert_allclose(stats['mean_gate'], (0.6 + 0.6 + 0.3) / 3, rtol=1e-6)
+  assert 'dropped_fraction' not in stats
+
+
+def test_token_choice_top2_layer_stats_match_the_naive_plan(params, x):
+  """Through the layer at k=2 with C = floor(8·0.7·2/4) = floor(2.8) = 2: the experts per token, the dropped
+  share and the mean gate of the numpy plan."""
+  cfg = cfg_with(TOKEN_CHOICE, capacity_factor=0.7)
+  _, out = apply(cfg, params, x)
+  stats = {k: v[0] for k, v in out['moe_stats'].items()}
+  plan = naive_assignments(cfg, params, x)
+  counts = np.zeros((B, S), np.int32)
+  for g, s, _ in plan:
+    counts[g, s] += 1
+  np.testing.assert_array_equal(stats['experts_per_token'], counts)
+  assert len(plan) < B * S * 2                                  # some requests were dropped
+  np.testing.assert_allclose(stats['dropped_fraction'], 1 - len(plan) / (B * S * 2), rtol=1e-6)
+  _, probs = naive_logits_probs(cfg, params, x)
+  np.testing.assert_allclose(stats['mean_gate'], np.mean([probs[g, s, e] for g, s, e in plan]), rtol=1e-5)
 
 
 def test_eval_capacity_factor_used_at_eval(params, x):

@@ -1,9 +1,8 @@
 """End to end through the real-data path: `ecdit prepare` (VAE latents + T5 text states), `ecdit train` and
-`ecdit sample` on a tiny image folder, with tiny random-weight diffusers / transformers models saved to disk;
-then the run exported to diffusers against `ecdit sample`.
+`ecdit sample` on a tiny image folder, with tiny random-weight AutoencoderKL / T5 folders written with numpy
+(tests/_hf_folders.py: no torch needed); then the run exported to diffusers against `ecdit sample` (with torch).
 
-Every command runs in its own process (tests/cli_util.py), the export check in this one. Needs the torch extra to
-build the model folders.
+Every command runs in its own process (tests/cli_util.py), the export check in this one.
 """
 import json
 import pathlib
@@ -13,29 +12,20 @@ import pytest
 from PIL import Image
 
 from cli_util import run_cli
+from ecdit.models.vae import VAEConfig
 from test_data_folder import write_image
-from test_text_pretrained import _spiece
+from _hf_folders import write_t5, write_vae
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope='module')
 def setup(tmp_path_factory):
-  torch = pytest.importorskip('torch', reason='needs the torch extra (requirements-torch.txt)')
-  diffusers = pytest.importorskip('diffusers', reason='needs diffusers (requirements-torch.txt)')
-  transformers = pytest.importorskip('transformers', reason='needs transformers (requirements-torch.txt)')
   root = tmp_path_factory.mktemp('e2e')
-  torch.manual_seed(0)
-  vae = diffusers.AutoencoderKL(   # 4 levels: 8× down, so 64 px → 8×8×4 latents
-      in_channels=3, out_channels=3, block_out_channels=(8, 8, 8, 8), layers_per_block=1, latent_channels=4,
-      norm_num_groups=4, down_block_types=('DownEncoderBlock2D',) * 4, up_block_types=('UpDecoderBlock2D',) * 4,
-      sample_size=64)
-  vae.save_pretrained(root / 'vae')
-  t5 = transformers.T5EncoderModel(transformers.T5Config(
-      vocab_size=48, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2, feed_forward_proj='gated-gelu',
-      relative_attention_num_buckets=8, relative_attention_max_distance=20)).eval()
-  t5.save_pretrained(root / 't5')
-  _spiece(root / 't5')
+  # 4 levels: 8× down, so 64 px → 8×8×4 latents
+  write_vae(root / 'vae', VAEConfig(block_out_channels=(8, 8, 8, 8), layers_per_block=1, latent_channels=4,
+                                    norm_num_groups=4))
+  write_t5(root / 't5', vocab=48, d_model=16, d_kv=8, d_ff=32, layers=1, heads=2)
   images = root / 'images'
   images.mkdir()
   words = ['red', 'green', 'blue', 'big', 'small']
@@ -118,6 +108,7 @@ def test_prepare_train_sample_with_vae_and_t5(setup):
 def _check_diffusers_export(root, wd):
   """The trained latent T5 run as a diffusers folder: T5EncoderModel + T5TokenizerFast from its T5 folder and its
   VAE, copied; the pipeline's prompt states and images (Euler, CFG, VAE-decoded) equal `ecdit sample`'s."""
+  pytest.importorskip('torch')   # the steps above ran without it
   import ecdit_torch
   from test_diffusers_export import sampled_pixels
   from ecdit.export import diffusers as dexport

@@ -196,3 +196,4 @@ def test_remat_also_recomputes_each_text_encoder_block():
 
   assert checkpoints('none') == 0, checkpoints('none')
   assert checkpoints('full') == 3 + 1, checkpoints('full')   # three text blocks, one scanned unit (traced once inside the scan)
+  assert checkpoints('save_moe') == 3 + 1, checkpoints('save_moe')   # every policy, not only 'full'

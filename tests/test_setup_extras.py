@@ -32,3 +32,12 @@ def test_accelerator_extras_pin_the_required_jax(monkeypatch):
 def test_ecdit_torch_is_packaged(monkeypatch):
   kw = setup_kwargs(monkeypatch)
   assert 'ecdit_torch' in kw['packages'] and 'ecdit' in kw['packages'] and 'ecdit.export' in kw['packages']
+
+
+def test_test_extra_pins_pyyaml(monkeypatch):
+  """tests/test_launch.py parses the rendered GKE manifests back with PyYAML and imports it unconditionally."""
+  import importlib.metadata   # pylint: disable=import-outside-toplevel
+  kw = setup_kwargs(monkeypatch)
+  pins = [r for r in kw['extras_require']['test'] if r.lower().startswith('pyyaml')]
+  assert pins == ['PyYAML==6.0.4']
+  assert importlib.metadata.version('PyYAML') == '6.0.4'

@@ -1,7 +1,5 @@
 """The Flax T5 encoder and CLIP text model against transformers on tiny random weights; tokenizers; errors."""
-import collections
 import json
-import pathlib
 import pickle
 import shutil
 
@@ -11,60 +9,13 @@ import pytest
 from ecdit.models import clip_text
 from ecdit.models import text_pretrained as tp
 from ecdit.models.hf_loading import LoadError
+from _hf_folders import write_clip, write_clip_bpe, write_spiece, write_t5
 
-CORPUS = ['a red cube left of a blue sphere', 'two green cats', "it's the dog's toy!!", 'numbers 12 and 345'] * 5
 TEXTS = ['A red  cube,\tleft of the sphere!!', "it's 2024 — Café naïve ÅB", "dog's   toys'll", '', 'x' * 40]
 
 
 def _rel(a, b):
   return float(np.abs(np.asarray(a) - np.asarray(b)).max() / np.abs(np.asarray(b)).max())
-
-
-def _spiece(folder: pathlib.Path, vocab_size=40):
-  import sentencepiece as spm   # pylint: disable=import-outside-toplevel
-  rng = np.random.RandomState(0)
-  extra = [' '.join(''.join(rng.choice(list('abcdefghijklmnopqrstuvwxyz'), 5)) for _ in range(8))
-           for _ in range(50)] if vocab_size > 40 else []
-  spm.SentencePieceTrainer.train(sentence_iterator=iter(CORPUS * 4 + extra), model_prefix=str(folder / 'spiece'),
-                                 vocab_size=vocab_size, model_type='unigram', pad_id=0, eos_id=1, unk_id=2,
-                                 bos_id=-1, hard_vocab_limit=False, minloglevel=2)
-
-
-def _clip_bpe(folder: pathlib.Path, num_merges=40) -> int:
-  """Writes vocab.json + merges.txt of a tiny byte-level BPE learnt from CORPUS; returns the vocab size."""
-  byte_map = clip_text.bytes_to_unicode()
-  vocab = list(byte_map.values()) + [c + '</w>' for c in byte_map.values()]
-  words = collections.Counter()
-  for text in CORPUS:
-    for w in text.lower().split():
-      syms = [byte_map[b] for b in w.encode()]
-      syms[-1] += '</w>'
-      words[tuple(syms)] += 1
-  merges = []
-  for _ in range(num_merges):
-    pairs = collections.Counter()
-    for w, n in words.items():
-      for p in zip(w, w[1:]):
-        pairs[p] += n
-    best = max(pairs, key=lambda p: (pairs[p], p))
-    merges.append(best)
-    vocab.append(best[0] + best[1])
-    merged = collections.Counter()
-    for w, n in words.items():
-      out, i = [], 0
-      while i < len(w):
-        if i < len(w) - 1 and (w[i], w[i + 1]) == best:
-          out.append(w[i] + w[i + 1])
-          i += 2
-        else:
-          out.append(w[i])
-          i += 1
-      merged[tuple(out)] += n
-    words = merged
-  vocab += ['<|startoftext|>', '<|endoftext|>']
-  (folder / 'vocab.json').write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
-  (folder / 'merges.txt').write_text('#version: 0.2\n' + '\n'.join(' '.join(m) for m in merges) + '\n')
-  return len(vocab)
 
 
 @pytest.fixture(scope='module')
@@ -88,7 +39,7 @@ def t5_folder(torch_mods, tmp_path_factory):
     for p in model.parameters():   # layer norms start at 1: perturb them too
       p.add_(0.1 * torch.randn_like(p))
   model.save_pretrained(folder)
-  _spiece(folder)
+  write_spiece(folder)
   return model, folder
 
 
@@ -96,7 +47,7 @@ def t5_folder(torch_mods, tmp_path_factory):
 def clip_folder(torch_mods, tmp_path_factory):
   torch, transformers = torch_mods
   folder = tmp_path_factory.mktemp('clip')
-  vocab_size = _clip_bpe(folder)
+  vocab_size = write_clip_bpe(folder)
   cfg = transformers.CLIPTextConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=48,
                                     num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=16,
                                     bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1,
@@ -151,8 +102,20 @@ def test_clip_parity(torch_mods, clip_folder):
   assert _rel(np.asarray(hidden)[mask], masked.last_hidden_state.numpy()[mask]) <= 1e-4
 
 
-def test_sd_layout_tokenizer_sibling(clip_folder, tmp_path):
-  _, folder = clip_folder
+# Loading and its errors need only a folder, not transformers: written with numpy (no torch).
+@pytest.fixture(scope='module')
+def t5_files(tmp_path_factory):
+  return write_t5(tmp_path_factory.mktemp('np') / 't5')
+
+
+@pytest.fixture(scope='module')
+def clip_files(tmp_path_factory):
+  return write_clip(tmp_path_factory.mktemp('np') / 'clip', hidden=32, intermediate=48, layers=2, heads=4,
+                    positions=16)
+
+
+def test_sd_layout_tokenizer_sibling(clip_files, tmp_path):
+  folder = clip_files
   (tmp_path / 'text_encoder').mkdir()
   (tmp_path / 'tokenizer').mkdir()
   for name in ('config.json', 'model.safetensors'):
@@ -175,8 +138,9 @@ def _copy(src, dst, skip=(), **config_changes):
   return dst
 
 
-def test_t5_loading_errors(t5_folder, tmp_path):
-  _, folder = t5_folder
+def test_t5_loading_errors(t5_files, tmp_path):
+  folder = t5_files
+  assert tp.load_text_encoder(folder).states_dim == 32   # the folder itself loads
   with pytest.raises(LoadError, match=r'spiece\.model is missing'):
     tp.load_text_encoder(_copy(folder, tmp_path / 'a', skip=('spiece.model',)))
   with pytest.raises(LoadError, match=r'model\.safetensors is missing'):
@@ -188,15 +152,16 @@ def test_t5_loading_errors(t5_folder, tmp_path):
   with pytest.raises(LoadError, match=r'tensor shared\.weight .* has shape \(48, 32\)'):
     tp.load_text_encoder(_copy(folder, tmp_path / 'e', vocab_size=50))
   d = _copy(folder, tmp_path / 'f', skip=('spiece.model',))
-  _spiece(d, vocab_size=60)
+  write_spiece(d, vocab_size=60)
   with pytest.raises(LoadError, match=r'spiece\.model has \d+ pieces but .* vocab_size=48'):
     tp.load_text_encoder(d)
   with pytest.raises(LoadError, match=r'model_type=.bert.'):
     tp.load_text_encoder(_copy(folder, tmp_path / 'g', model_type='bert'))
 
 
-def test_clip_loading_errors(clip_folder, tmp_path):
-  _, folder = clip_folder
+def test_clip_loading_errors(clip_files, tmp_path):
+  folder = clip_files
+  assert tp.load_text_encoder(folder).states_dim == 32
   with pytest.raises(LoadError, match=r'merges\.txt is missing'):
     tp.load_text_encoder(_copy(folder, tmp_path / 'a', skip=('merges.txt',)))
   with pytest.raises(LoadError, match=r'config\.json is missing'):

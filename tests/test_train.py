@@ -233,6 +233,38 @@ def test_failed_async_save_stops_the_run_in_one_line(tmp_path, monkeypatch, capl
   ck.close()
 
 
+def test_check_never_blocks_a_running_save_and_reports_a_finished_failed_one(tmp_path):
+  """check() runs every step: while Orbax is still writing it only reads the flag (no wait); once the save has
+  ended, a failure is one CheckpointError line, raised once. On a stand-in manager, so the timing is fixed."""
+  class Manager:
+    in_progress, waits = True, 0
+
+    def is_saving_in_progress(self):
+      return self.in_progress
+
+    def wait_until_finished(self):
+      self.waits += 1
+      raise OSError(28, 'No space left on device')
+
+    def all_steps(self, read=False):
+      return [4]
+  ck = ckpt_lib.Checkpointer(tmp_path)
+  real, fake = ck.manager, Manager()
+  ck.manager, ck._saving = fake, 8   # pylint: disable=protected-access  (the step-8 save is in flight)
+  try:
+    ck.check()
+    assert fake.waits == 0
+    fake.in_progress = False
+    with pytest.raises(ckpt_lib.CheckpointError, match=r'^checkpoint of step 8 in .*checkpoints failed: No space '
+                       r'left on device; the last good checkpoint is step 4$'):
+      ck.check()
+    ck.check()   # reported once, not at every later check
+    assert fake.waits == 1
+  finally:
+    ck.manager = real
+    ck.close()
+
+
 def _strict_json(text):
   def refuse(name):
     raise ValueError(f'not JSON: {name}')

@@ -8,6 +8,7 @@ import pytest
 
 from ecdit.models import vae as vae_lib
 from ecdit.models.hf_loading import LoadError
+from _hf_folders import write_vae
 
 TINY = vae_lib.VAEConfig(block_out_channels=(8, 16, 16), layers_per_block=1, norm_num_groups=4,
                          scaling_factor=0.5, shift_factor=0.1)
@@ -63,8 +64,15 @@ def test_parity_with_diffusers(torch_vae):
   assert _rel(v.decode(z_ref), img_ref.permute(0, 2, 3, 1).numpy()) <= 1e-4
 
 
-def test_legacy_attention_names_load(torch_vae, tmp_path):
-  _, _, folder = torch_vae
+@pytest.fixture(scope='module')
+def vae_files(tmp_path_factory):
+  """A TINY folder written with numpy (no torch): loading and its errors need only the files."""
+  return write_vae(tmp_path_factory.mktemp('np') / 'vae', TINY)
+
+
+def test_legacy_attention_names_load(vae_files, tmp_path):
+  folder = vae_files
+  assert vae_lib.load_vae(folder).cfg == TINY
   from safetensors.numpy import load_file, save_file   # pylint: disable=import-outside-toplevel
   tensors = load_file(str(folder / vae_lib.WEIGHTS_FILE))
   legacy = {}
@@ -86,8 +94,8 @@ def _copy_with_config(src, dst, **changes):
   return dst
 
 
-def test_loading_errors(torch_vae, tmp_path):
-  _, _, folder = torch_vae
+def test_loading_errors(vae_files, tmp_path):
+  folder = vae_files
   with pytest.raises(LoadError, match='does not exist'):
     vae_lib.load_vae(tmp_path / 'nowhere')
   (tmp_path / 'a').mkdir()
