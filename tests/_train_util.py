@@ -78,6 +78,10 @@ class Batches:
     return {k: jax.device_put(v, self.sharding) for k, v in
             dict(x0=img, text=ids, text_mask=mask).items()}   # the ecdit.data.batch step arrays
 
+  @property
+  def step(self):   # batches consumed, as the real pipeline's TrainIterator.step
+    return self.i
+
   def get_state(self):
     return {'i': self.i}
 

@@ -123,6 +123,29 @@ def test_state_from_another_stream_is_refused(setup):
     make(setup, gbs=16).set_state(state)
 
 
+def test_malformed_states_are_refused_in_one_line(setup):
+  # Valid JSON with a wrong value (what a damaged checkpoint's data item may hold): each refused by name,
+  # before anything moves; the good state still resumes afterwards.
+  it = make(setup, num_epochs=1)   # 200 // 32 = 6 batches
+  good = it.get_state()
+  cases = [({'step': -1}, 'step=-1: expected an integer in \\[0, 6\\]'), ({'step': 7}, 'step=7'),
+           ({'step': 2.5}, 'step=2.5'), ({'step': True}, 'step=True'), ({'step': '3'}, "step='3'"),
+           ({'version': True}, 'version 1'), ({'version': 2}, 'version 1'),
+           ({'extra': 1}, "keys .*'extra'"), ({'seed': 4}, 'seed=4 but this pipeline has seed=0')]
+  for change, message in cases:
+    with pytest.raises(ValueError, match=message):
+      it.set_state({**good, **change})
+  gone = {k: v for k, v in good.items() if k != 'text_length'}
+  with pytest.raises(ValueError, match='keys'):
+    it.set_state(gone)
+  with pytest.raises(ValueError, match='version 1'):
+    it.set_state([1, 2])
+  with pytest.raises(ValueError, match='step=-2: expected a non-negative integer'):
+    make(setup).set_state({**good, 'step': -2})   # endless stream: no upper bound
+  it.set_state({**good, 'step': 6})
+  assert it.step == 6
+
+
 def test_two_processes_get_disjoint_halves_of_each_global_batch(setup):
   whole = take(make(setup, gbs=32, process_index=0, process_count=1), 4)
   p0 = take(make(setup, gbs=32, process_index=0, process_count=2), 4)

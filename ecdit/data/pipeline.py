@@ -86,8 +86,9 @@ class TrainIterator:
   """Iterator of batch dicts; `get_state()` / `set_state()` checkpoint it (a small JSON-serialisable dict)."""
 
   def __init__(self, batches: grain.MapDataset, *, sharding, global_batch_size: int, worker_count: int,
-               identity: dict[str, Any]):
+               identity: dict[str, Any], num_batches: int | None = None):
     self._batches = batches
+    self._num_batches = num_batches   # this process's batches in the stream; None: endless
     self._sharding = sharding
     self._global_batch_size = global_batch_size
     self._worker_count = worker_count
@@ -131,8 +132,18 @@ class TrainIterator:
     return {'version': _STATE_VERSION, 'step': self._step, **self._identity}
 
   def set_state(self, state: dict[str, Any]) -> None:
-    if not isinstance(state, dict) or state.get('version') != _STATE_VERSION or 'step' not in state:
-      raise ValueError(f'not an input-pipeline state of version {_STATE_VERSION}: {state!r}')
+    """Resumes at a `get_state()`; ValueError (one line, naming the value) for anything else: wrong type,
+    version or keys, a position that is not an integer in [0, batches in the stream], another stream."""
+    version = state.get('version') if isinstance(state, dict) else None
+    if type(version) is not int or version != _STATE_VERSION:
+      raise ValueError(f'not an input-pipeline state of version {_STATE_VERSION}: {str(state)[:200]}')
+    expected = {'version', 'step', *self._identity}
+    if set(state) != expected:
+      raise ValueError(f'input-pipeline state has keys {sorted(state)}; expected {sorted(expected)}')
+    step, end = state['step'], self._num_batches
+    if type(step) is not int or step < 0 or (end is not None and step > end):
+      expected = 'a non-negative integer' if end is None else f'an integer in [0, {end}]'
+      raise ValueError(f'input-pipeline state step={step!r}: expected {expected} (global batches consumed)')
     for key, value in self._identity.items():
       if state.get(key) != value:
         raise ValueError(f'input-pipeline state was saved with {key}={state.get(key)!r} but this pipeline has '
@@ -194,4 +205,5 @@ def make_train_iterator(data_cfg, *, global_batch_size: int, sharding, tokenizer
               'num_examples': num_examples, 'caption_dropout': float(data_cfg.caption_dropout),
               'text_length': text_length}
   return TrainIterator(ds, sharding=sharding, global_batch_size=global_batch_size,
-                       worker_count=data_cfg.worker_count, identity=identity)
+                       worker_count=data_cfg.worker_count, identity=identity,
+                       num_batches=None if num_epochs is None else len(ds))

@@ -1,6 +1,6 @@
 """Orbax checkpoints of the train state, the data-iterator state and the resolved config.
 
-Layout: `<workdir>/checkpoints/<step>/{state,data,config}`. In a multi-process run every process calls save
+Layout: `<workdir>/checkpoints/<step>/{state,data,config,meta}`. In a multi-process run every process calls save
 and restore (each writes its own shards; every leaf of the state is a global jax.Array). Saves are asynchronous (Orbax writes into a
 temporary directory and renames it when complete, so a killed save leaves no step directory behind).
 Restoring builds the target from the *current* config's abstract state (shapes, dtypes, shardings), so a
@@ -11,33 +11,170 @@ deleted) so the run can write that step again.
 A save that fails in the background (a full disk) is found at the next `check()` — the loop calls it every
 step — or wait, and raised as one CheckpointError line naming the step, the reason and the last good
 checkpoint; Orbax's own logged tracebacks of it are cut to their message line.
+
+Checksums (the `meta` item, JSON): Orbax verifies nothing per array, so every save records a 64-bit
+checksum of every leaf of the state, and every restore recomputes it from the arrays it read; a mismatch (a
+flipped bit on disk) makes that step unreadable like any other damage: one line naming the step, the first
+differing leaf and "checksum", then the previous step. The checksum is taken over the leaf's raw bits (uint32
+words; 1- and 2-byte types widened): two lanes of  sum_i f_j(i, w_i)  mod 2**32 over the flat row-major
+index i, where f_j(i, ·) is a bijection of the word (murmur3's finaliser keyed by a hash of i). Integer sums
+mod 2**32 are exact and order-free, so the value depends only on the array's global contents — not on its
+sharding, the mesh, the device count or the number of processes (a checkpoint restored onto another mesh is
+still checked; every process gets the same value, process 0 writes it) — and a change of any one element
+always changes both lanes. On accelerators it is computed on the devices, on CPU in numpy over the shards each
+process holds (`summarize`). Checkpoints from before the item (no `meta`
+directory) restore unchecked. The item also keeps the loop's host-side counters (`loop`: the consecutive
+skipped steps), restored as `Checkpointer.loop_state`. Data-iterator states are validated through
+`restore_latest(check_data=)`: a bad one is damage too.
 """
 from __future__ import annotations
 
+import functools
 import logging as py_logging
 import shutil
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
-from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ecdit import errors
 from ecdit.train.state import all_finite
 
 
-def _is_finite(tree) -> bool:
-  """all_finite as one jitted reduction whose result every process can read (replicated on the mesh)."""
-  leaves = jax.tree.leaves(tree)
-  sharding = getattr(leaves[0], 'sharding', None) if leaves else None
-  if isinstance(sharding, NamedSharding):
-    return bool(jax.jit(all_finite, out_shardings=NamedSharding(sharding.mesh, P()))(tree))
-  return bool(all_finite(tree))
+META_VERSION = 1
+_SEEDS = (0x9E3779B9, 0x7F4A7C15)   # one per fingerprint lane
+_MIX = (0x85EBCA6B, 0xC2B2AE35, 0x27D4EB2F)
+_SUB_BYTE = ('int2', 'uint2', 'int4', 'uint4', 'float4_e2m1fn')
+
+
+def _fmix(h, xp):
+  """murmur3's 32-bit finaliser: a bijection of uint32 that spreads every input bit over the output."""
+  h = h ^ (h >> 16)
+  h = h * xp.uint32(_MIX[0])
+  h = h ^ (h >> 13)
+  h = h * xp.uint32(_MIX[1])
+  return h ^ (h >> 16)
+
+
+def _lanes(w, index, xp):
+  """The two lane sums (uint32, mod 2**32) of words `w` at flat positions `index`."""
+  a = _fmix(w ^ _fmix(index ^ xp.uint32(_SEEDS[0]), xp), xp)
+  b = _fmix((w + _fmix(index ^ xp.uint32(_SEEDS[1]), xp)) * xp.uint32(_MIX[2]), xp)
+  return a.sum(dtype=xp.uint32), b.sum(dtype=xp.uint32)
+
+
+def _words(x, xp):
+  """The raw bits as uint32 words: 4-byte types bitcast, 1- and 2-byte ones widened, 8-byte ones split (a
+  trailing axis of 2, low word first); sub-byte types through their exact float32 values."""
+  if xp is jnp and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)
+  if x.dtype == np.bool_:
+    return x.astype(xp.uint32)
+  if np.dtype(x.dtype).name in _SUB_BYTE:
+    x = x.astype(xp.float32)
+  size = np.dtype(x.dtype).itemsize
+  unsigned = {1: xp.uint8, 2: xp.uint16, 4: xp.uint32, 8: xp.uint32}[size]
+  if xp is jnp:
+    return jax.lax.bitcast_convert_type(x, unsigned).astype(xp.uint32)
+  w = np.ascontiguousarray(x).view(unsigned).astype(np.uint32, copy=False)
+  return w.reshape(x.shape + (2,)) if size == 8 else w
+
+
+def fingerprint(x) -> jax.Array:
+  """uint32[2], the checksum of one array (module docstring), on the device: jit it; sharded inputs are fine."""
+  w = _words(jnp.asarray(x), jnp)
+  index, stride = jnp.zeros(w.shape, jnp.uint32), 1
+  for axis in reversed(range(w.ndim)):   # the flat row-major index, from per-axis iotas (shards stay local)
+    index = index + jax.lax.broadcasted_iota(jnp.uint32, w.shape, axis) * jnp.uint32(stride % 2**32)
+    stride *= w.shape[axis]
+  return jnp.stack(_lanes(w, index, jnp))
+
+
+def _block_fingerprint(block: np.ndarray, where: tuple, shape: tuple) -> np.ndarray:
+  """fingerprint()'s lane sums over one block of an array of `shape`, at `where` (a shard's slices): the
+  same numbers in numpy, so the blocks of a sharded array add up to the whole array's value."""
+  w = _words(block, np)
+  full = tuple(shape) + w.shape[block.ndim:]   # the words' global shape (8-byte types: a trailing 2)
+  where = tuple(where) + (slice(None),) * (len(full) - len(where))
+  index, stride = np.zeros(w.shape, np.uint64), 1
+  for axis in reversed(range(len(full))):
+    coords = np.arange(*where[axis].indices(full[axis]), dtype=np.uint64) * np.uint64(stride % 2**32)
+    index += coords.reshape((-1,) + (1,) * (len(full) - axis - 1))
+    stride *= full[axis]
+  with np.errstate(over='ignore'):
+    return np.array(_lanes(w, (index % np.uint64(2**32)).astype(np.uint32), np), np.uint32)
+
+
+def _host_fingerprints(leaves) -> np.ndarray:
+  """uint32[len(leaves), 2] from the host copies of the shards this process holds (one replica of each),
+  summed over the processes."""
+  out = np.zeros((len(leaves), 2), np.uint32)
+  with np.errstate(over='ignore'):
+    for k, leaf in enumerate(leaves):
+      if isinstance(leaf, jax.Array):
+        blocks = [(np.asarray(sh.data), sh.index) for sh in leaf.addressable_shards if sh.replica_id == 0]
+      else:
+        blocks = [(np.asarray(leaf), ())]
+      for block, where in blocks:
+        out[k] += _block_fingerprint(block, where, np.shape(leaf))
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      out = np.asarray(multihost_utils.process_allgather(out)).sum(axis=0, dtype=np.uint32)
+  return out
+
+
+@functools.lru_cache(maxsize=8)
+def _jitted(mesh):
+  """The finite check and the per-leaf fingerprint, jitted with their results replicated on the mesh, so that
+  every process can read them (a multi-process state spans processes)."""
+  out = None if mesh is None else NamedSharding(mesh, P())
+  return (jax.jit(lambda s: all_finite((s.params, s.ema_params, s.opt_state)), out_shardings=out),
+          jax.jit(fingerprint, out_shardings=out))
+
+
+def summarize(state) -> tuple[bool, dict[str, str]]:
+  """(params, EMA and optimizer state all finite, {leaf path: 16 hex digits of its checksum}).
+
+  On accelerators each leaf is hashed on its devices by the jitted `fingerprint` (a few integer ops per
+  element; one small program per distinct shape, dtype and sharding, so compiling does not grow with the
+  depth). On CPU the arrays already lie in host memory, and XLA:CPU would spend seconds compiling those
+  programs for milliseconds of work, so numpy hashes each shard there. Both give the same numbers, bit for
+  bit, so a checkpoint written by either verifies under the other."""
+  leaves = jax.tree_util.tree_leaves_with_path(state)
+  first = leaves[0][1] if leaves else None
+  sharding = getattr(first, 'sharding', None)
+  finite_fn, fingerprint_fn = _jitted(sharding.mesh if isinstance(sharding, NamedSharding) else None)
+  finite = bool(finite_fn(state))
+  if isinstance(first, jax.Array) and next(iter(first.devices())).platform != 'cpu':
+    sums = np.stack(jax.device_get([fingerprint_fn(leaf) for _, leaf in leaves]))
+  else:
+    sums = _host_fingerprints([leaf for _, leaf in leaves])
+  return finite, {jax.tree_util.keystr(path): f'{int(a):08x}{int(b):08x}' for (path, _), (a, b) in zip(leaves, sums)}
+
+
+def _check_meta(step: int, meta, checksums: dict[str, str]) -> dict:
+  """The restored arrays' checksums against the saved ones; returns the loop counters. CheckpointError names
+  the first leaf (in tree order) that differs."""
+  if not isinstance(meta, dict) or meta.get('version') != META_VERSION or not isinstance(meta.get('checksums'), dict):
+    raise CheckpointError(f'checkpoint {step}: its meta item is not an ecdit meta record of version {META_VERSION}')
+  saved = meta['checksums']
+  for name, value in checksums.items():
+    if saved.get(name) != value:
+      raise CheckpointError(f'checkpoint {step}: checksum mismatch in {name} (saved {saved.get(name)}, read {value})')
+  extra = [name for name in saved if name not in checksums]
+  if extra:
+    raise CheckpointError(f'checkpoint {step}: checksum of {extra[0]}, a leaf the restored state does not have')
+  counters = meta.get('loop', {})
+  if not isinstance(counters, dict) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                                               for v in counters.values()):
+    raise CheckpointError(f'checkpoint {step}: loop counters {counters!r}: expected non-negative integers')
+  return counters
 
 
 class NonFiniteStateError(errors.RunError, RuntimeError):
@@ -75,7 +212,7 @@ def _manager(directory: Path, keep: int, use_async: bool) -> ocp.CheckpointManag
   # which is removed when the next run opens the manager (complete checkpoints are never touched).
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True,
                                          enable_async_checkpointing=use_async)
-  return ocp.CheckpointManager(directory, options=options, item_names=('state', 'data', 'config'))
+  return ocp.CheckpointManager(directory, options=options, item_names=('state', 'data', 'config', 'meta'))
 
 
 class Checkpointer:
@@ -85,16 +222,20 @@ class Checkpointer:
     self.keep, self.use_async = keep, use_async
     self.manager = _manager(self.directory, keep, use_async)
     self._saving = None   # the step of the save in flight (asynchronous), until it is known to be done
+    self.loop_state: dict[str, int] = {}   # the restored step's loop counters (restore_latest)
 
   def steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
 
-  def save(self, step: int, state, data_state: Any, config: dict) -> None:
-    """Starts an async save of `state` (refused if anything in it is not finite)."""
-    if not _is_finite((state.params, state.ema_params, state.opt_state)):
+  def save(self, step: int, state, data_state: Any, config: dict, loop: dict[str, int] | None = None) -> None:
+    """Starts an async save of `state` (refused if anything in it is not finite), with its checksums and the
+    loop's counters `loop` (e.g. {'consecutive_skips': 2}) in the meta item."""
+    finite, checksums = summarize(state)
+    if not finite:
       raise NonFiniteStateError(f'refusing to checkpoint step {step}: the train state is not finite')
+    meta = {'version': META_VERSION, 'checksums': checksums, 'loop': dict(loop or {})}
     args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
-                              config=ocp.args.JsonSave(config))
+                              config=ocp.args.JsonSave(config), meta=ocp.args.JsonSave(meta))
     self.wait()   # the previous save's failure is reported as its own step, not this one's
     self._saving = step
     try:
@@ -145,36 +286,46 @@ class Checkpointer:
       self.manager.close()
 
   def _restore_step(self, step: int, abstract_state):
-    args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
-                              config=ocp.args.JsonRestore())
-    out = self.manager.restore(step, args=args)
+    items = dict(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
+                 config=ocp.args.JsonRestore())
+    checked = (self.directory / str(step) / 'meta').is_dir()   # no meta item: a checkpoint from before it
+    if checked:
+      items['meta'] = ocp.args.JsonRestore()
+    out = self.manager.restore(step, args=ocp.args.Composite(**items))
     state = out['state']
     if int(np.asarray(state.step)) != step:
       raise CheckpointError(f'checkpoint {step} holds step {int(np.asarray(state.step))}')
-    if not _is_finite((state.params, state.ema_params, state.opt_state)):
+    finite, checksums = summarize(state)
+    counters = _check_meta(step, out['meta'], checksums) if checked else {}
+    if not finite:
       raise CheckpointError(f'checkpoint {step} holds non-finite values')
-    return state, out['data']
+    return state, out['data'], counters
 
-  def restore_latest(self, abstract_state):
+  def restore_latest(self, abstract_state, check_data: Callable[[Any, int], None] | None = None):
     """Returns (state, data_state, step) from the newest readable checkpoint, or None if there is none.
 
-    Newer unreadable checkpoints are reported and moved aside. If none can be read, nothing is moved and
-    the first error is raised (most likely the config no longer matches the checkpoints).
+    Readable means Orbax reads it, it holds its own step, finite values matching their saved checksums, and
+    `check_data(data_state, step)` (the caller's validation of the data-iterator state) does not raise.
+    Newer unreadable checkpoints are reported (one line each) and moved aside. If none can be read, nothing is
+    moved and the first error is raised (most likely the config no longer matches the checkpoints). The
+    step's loop counters are left in `self.loop_state` ({} for a checkpoint from before them).
     """
     steps = self.steps()
     failures = []
     for step in reversed(steps):
       try:
-        state, data_state = self._restore_step(step, abstract_state)
+        state, data_state, counters = self._restore_step(step, abstract_state)
+        if check_data is not None:
+          check_data(data_state, step)
       except Exception as e:  # noqa: BLE001 — any read failure means "try the previous one".
         msg = f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}'[:300]
-        logging.warning('checkpoint step %d is unreadable (%s); trying the previous one', step, msg)
         print(f'warning: checkpoint step {step} in {self.directory} is unreadable ({msg}); '
               'trying the previous one', flush=True)
         failures.append((step, e))
         continue
       if failures:
         self._quarantine([s for s, _ in failures])
+      self.loop_state = dict(counters)
       return state, data_state, step
     if failures:
       step, e = failures[0]

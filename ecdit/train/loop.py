@@ -193,8 +193,15 @@ def train(cfg, workdir: str | Path, *, progress: bool = True, data_fn=None, devi
   decode = frozen.decoder(cfg.data)   # latents -> pixels for previews (data.vae_dir)
   encode_text = frozen.text_step(cfg.data, setup.mesh)   # data.precompute_text=False: encoder in the loop
   ckpt = ckpt_lib.Checkpointer(workdir, keep=t.keep_checkpoints, use_async=t.async_checkpoints)
+
+  def check_data(data_state, step):   # a bad data-iterator state makes its checkpoint unreadable (fallback)
+    data_iter.set_state(data_state)
+    consumed = getattr(data_iter, 'step', step)   # batches consumed: one per train step
+    if consumed != step:
+      raise ValueError(f'the data-iterator state is at batch {consumed}, the checkpoint at step {step}')
+
   try:
-    restored = ckpt.restore_latest(setup.abstract_state)
+    restored = ckpt.restore_latest(setup.abstract_state, check_data=check_data)
     if restored is None:
       state, start = setup.init_state(), 0
     else:
@@ -217,7 +224,8 @@ def train(cfg, workdir: str | Path, *, progress: bool = True, data_fn=None, devi
   compile_s, steady_t0, steady_from = 0.0, None, start
   last_logged: dict = {}
   compiled = None
-  guard = SkipGuard(t.nan_policy, t.max_skipped_steps, lambda: (ckpt.steps() or [None])[-1])
+  guard = SkipGuard(t.nan_policy, t.max_skipped_steps, lambda: (ckpt.steps() or [None])[-1],
+                    run=ckpt.loop_state.get('consecutive_skips', 0))   # continued from the checkpoint
   pending = None   # (step, finite flag) of the step in flight
   try:
     for i in range(start, t.num_steps):
@@ -254,7 +262,7 @@ def train(cfg, workdir: str | Path, *, progress: bool = True, data_fn=None, devi
           logging.warning('%d update(s) skipped so far for non-finite loss', last_logged['skipped'])
       bar.update(1, loss=last_logged.get('loss') if log_now else None)
       if save_now:
-        ckpt.save(step, state, data_iter.get_state(), resolved)
+        ckpt.save(step, state, data_iter.get_state(), resolved, loop={'consecutive_skips': guard.run})
       if (t.sample_every and step % t.sample_every == 0) or (step == t.num_steps and t.final_sample):
         last_sample = do_preview(step)
   finally:

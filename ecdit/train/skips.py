@@ -3,7 +3,8 @@ train.max_skipped_steps consecutive ones (nan_policy='skip'), with one line nami
 
 The jitted step has already skipped the update (ecdit.train.step), so the state is finite either way; this
 only decides whether the run goes on. Under 'skip' a step's flag is read once the loop has waited for that
-step anyway (it keeps one step in flight), so the check costs no device sync of its own.
+step anyway (it keeps one step in flight), so the check costs no device sync of its own. The count of
+consecutive skips survives a resume (each checkpoint's meta item keeps it).
 """
 from __future__ import annotations
 
@@ -17,11 +18,14 @@ class NonFiniteLossError(errors.RunError, RuntimeError):
 
 
 class SkipGuard:
-  def __init__(self, nan_policy: str, max_skipped: int, last_checkpoint: Callable[[], int | None]):
+  def __init__(self, nan_policy: str, max_skipped: int, last_checkpoint: Callable[[], int | None], run: int = 0):
     self.stop_at_first = nan_policy == 'stop'
     self.limit = 1 if self.stop_at_first else max_skipped   # 0: never stop
     self.last_checkpoint = last_checkpoint
-    self.run = 0   # consecutive skipped steps up to the last one seen (a resumed run starts again at 0)
+    # Consecutive skipped steps up to the last one seen. Checkpoints keep it (their meta item), and a resumed
+    # run continues the count: a job that is requeued after every stop cannot creep on from checkpoint to
+    # checkpoint with nothing but skipped steps.
+    self.run = run
 
   def __call__(self, step: int, finite: bool) -> None:
     """Records whether `step` applied its update; raises NonFiniteLossError when the policy says stop."""
