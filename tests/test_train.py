@@ -165,6 +165,10 @@ def test_checkpoint_round_trip_and_corrupt_latest(setup, tmp_path, capsys):
     if f.is_file():
       f.write_bytes(b'')
   ck = ckpt_lib.Checkpointer(tmp_path, keep=5, use_async=True)
+  # A reader (sample, eval, export: workdir.restore) falls back the same way but moves nothing.
+  _, _, step = ck.restore_latest(setup.abstract_state, move_unreadable=False)
+  assert step == 1 and ck.steps() == [1, 2] and not (tmp_path / 'checkpoints_unreadable').exists()
+  assert 'checkpoint step 2' in capsys.readouterr().out
   restored, data_state, step = ck.restore_latest(setup.abstract_state)
   assert step == 1 and data_state == {'i': 1}
   assert 'checkpoint step 2' in capsys.readouterr().out

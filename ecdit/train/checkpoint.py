@@ -301,13 +301,15 @@ class Checkpointer:
       raise CheckpointError(f'checkpoint {step} holds non-finite values')
     return state, out['data'], counters
 
-  def restore_latest(self, abstract_state, check_data: Callable[[Any, int], None] | None = None):
+  def restore_latest(self, abstract_state, check_data: Callable[[Any, int], None] | None = None,
+                     move_unreadable: bool = True):
     """Returns (state, data_state, step) from the newest readable checkpoint, or None if there is none.
 
     Readable means Orbax reads it, it holds its own step, finite values matching their saved checksums, and
     `check_data(data_state, step)` (the caller's validation of the data-iterator state) does not raise.
-    Newer unreadable checkpoints are reported (one line each) and moved aside. If none can be read, nothing is
-    moved and the first error is raised (most likely the config no longer matches the checkpoints). The
+    Newer unreadable checkpoints are reported (one line each) and moved aside — unless `move_unreadable` is
+    False, as for the read-only commands (a run still training may be writing them). If none can be read,
+    nothing is moved and the first error is raised (most likely the config no longer matches the checkpoints). The
     step's loop counters are left in `self.loop_state` ({} for a checkpoint from before them).
     """
     steps = self.steps()
@@ -323,7 +325,7 @@ class Checkpointer:
               'trying the previous one', flush=True)
         failures.append((step, e))
         continue
-      if failures:
+      if failures and move_unreadable:
         self._quarantine([s for s, _ in failures])
       self.loop_state = dict(counters)
       return state, data_state, step

@@ -121,7 +121,7 @@ def restore(workdir: str | Path, *, ema: bool = False,
   setup = loop.build(cfg, mcfg)
   ck = ckpt_lib.Checkpointer(workdir, keep=cfg.train.keep_checkpoints, use_async=False)
   try:
-    restored = ck.restore_latest(setup.abstract_state)
+    restored = ck.restore_latest(setup.abstract_state, move_unreadable=False)   # reading never moves a file
   finally:
     ck.close()
   if restored is None:
