@@ -264,12 +264,12 @@ def clip_export(tmp_path_factory, tokenizer_file):
   """(SD-layout folder with text_encoder/ + tokenizer/, restored EMA run, exported folder) of a perturbed EC run
   that conditions on a tiny random CLIPTextModel's states and samples with Heun."""
   transformers = pytest.importorskip('transformers', reason='transformers is not installed (pip install -e .[torch])')
-  from test_text_pretrained import _clip_bpe
+  from _hf_folders import write_clip_bpe
   from ecdit.train import workdir as workdir_lib
   root = tmp_path_factory.mktemp('clip')
   sd = root / 'sd'
   (sd / 'tokenizer').mkdir(parents=True)
-  vocab = _clip_bpe(sd / 'tokenizer')
+  vocab = write_clip_bpe(sd / 'tokenizer')
   torch.manual_seed(0)
   clip = transformers.CLIPTextModel(transformers.CLIPTextConfig(
       vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
@@ -352,13 +352,13 @@ def test_text_encoder_of_a_bigger_checkpoint_is_extracted(tmp_path, kind):
   transformers = pytest.importorskip('transformers')
   import ml_collections
   from safetensors import safe_open
-  from test_text_pretrained import _clip_bpe, _spiece
+  from _hf_folders import write_clip_bpe, write_spiece
   from ecdit.export import text_folder
   src = tmp_path / 'src'
   src.mkdir()
   torch.manual_seed(0)
   if kind == 'clip':
-    vocab = _clip_bpe(src)
+    vocab = write_clip_bpe(src)
     full = transformers.CLIPModel(transformers.CLIPConfig(
         text_config=dict(vocab_size=vocab, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
                          num_attention_heads=2, max_position_embeddings=16, bos_token_id=vocab - 2,
@@ -371,7 +371,7 @@ def test_text_encoder_of_a_bigger_checkpoint_is_extracted(tmp_path, kind):
     full = transformers.T5ForConditionalGeneration(transformers.T5Config(
         vocab_size=48, d_model=16, d_kv=8, d_ff=24, num_layers=1, num_heads=2, feed_forward_proj='gated-gelu',
         relative_attention_num_buckets=8, relative_attention_max_distance=20)).eval()
-    _spiece(src)
+    write_spiece(src)
     ids = torch.tensor([[5, 9, 11, 1]])
     want = full.encoder(input_ids=ids).last_hidden_state
   full.save_pretrained(src)
