@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import secrets
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -74,16 +75,25 @@ def remote_run_command(args) -> str:
   return ' && '.join(parts)
 
 
+def launch_tarball() -> str:
+  """A temporary path of this launch's own (`ecdit-repo-<pid>-<random>.tar.gz`): concurrent launches from one
+  machine, or to one TPU, do not overwrite each other's repository copy."""
+  name = TARBALL.replace('.tar.gz', f'-{os.getpid()}-{secrets.token_hex(4)}.tar.gz')
+  return os.path.join(tempfile.gettempdir(), name)
+
+
 def plan(args, tarball: str | None = None) -> list[tuple[str, list[str]]]:
   """(label, argv) for each step. `tarball` is the local path the repository is packed into."""
   steps = []
   if args.copy_repo:
-    tarball = tarball or os.path.join(tempfile.gettempdir(), TARBALL)
+    tarball = tarball or launch_tarball()
+    remote = os.path.basename(tarball)   # per launch on the workers too: two launches never share one
     tar = ['tar', '-czf', tarball, '-C', args.copy_repo] + [f'--exclude={e}' for e in EXCLUDES] + ['.']
     steps.append(('pack the repository', tar))
-    steps.append(('copy it to every worker', _gcloud(args, 'scp', tarball, f'{args.tpu}:{TARBALL}',
+    steps.append(('copy it to every worker', _gcloud(args, 'scp', tarball, f'{args.tpu}:{remote}',
                                                      f'--worker={args.worker}')))
-    unpack = f'mkdir -p {sh_quote(args.remote_dir)} && tar -xzf {TARBALL} -C {sh_quote(args.remote_dir)}'
+    unpack = (f'mkdir -p {sh_quote(args.remote_dir)} && tar -xzf {sh_quote(remote)} -C {sh_quote(args.remote_dir)}'
+              f' && rm -f {sh_quote(remote)}')
     steps.append(('unpack it', ssh(args, unpack)))
   if args.pip_install:
     install = (f'cd {sh_quote(args.remote_dir)} && python3 -m venv .venv && '
@@ -95,12 +105,17 @@ def plan(args, tarball: str | None = None) -> list[tuple[str, list[str]]]:
 
 def main(argv=None) -> int:
   args = common.parse_args(build_parser(), argv)
-  for label, step in plan(args):
-    rc = common.submit(step, args.dry_run, label=label)
-    if rc:
-      print(f'[launch] step "{label}" failed with exit code {rc}', file=sys.stderr)
-      return rc
-  return 0
+  tarball = launch_tarball() if args.copy_repo else None
+  try:
+    for label, step in plan(args, tarball):
+      rc = common.submit(step, args.dry_run, label=label)
+      if rc:
+        print(f'[launch] step "{label}" failed with exit code {rc}', file=sys.stderr)
+        return rc
+    return 0
+  finally:
+    if tarball and os.path.exists(tarball):
+      os.remove(tarball)
 
 
 if __name__ == '__main__':

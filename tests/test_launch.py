@@ -7,6 +7,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -308,6 +309,19 @@ def test_tpu_vm_commands_round_trip(tmp_path):
   subprocess.run(['bash', '-c', remote], check=True, timeout=30)
   got = (tmp_path / 'argv.bin').read_bytes().decode().split('\0')[:-1]
   assert got == ['auto', NASTY, 'train', f'--workdir={EVIL}', NASTY]
+
+
+def test_tpu_vm_each_launch_packs_to_its_own_path():
+  """Two launches never share a tarball, here or on the workers (a fixed path let them overwrite each other)."""
+  args = tpu_vm.build_parser().parse_args(['--tpu=t', '--zone=z', '--copy_repo=.'])
+  args.command = ['ecdit', 'train']
+  first, second = tpu_vm.launch_tarball(), tpu_vm.launch_tarball()
+  assert first != second and os.path.dirname(first) == tempfile.gettempdir()
+  steps = dict(tpu_vm.plan(args, first))
+  assert steps['pack the repository'][2] == first
+  assert f't:{os.path.basename(first)}' in steps['copy it to every worker']
+  unpack = next(a for a in steps['unpack it'] if a.startswith('--command='))
+  assert f'tar -xzf {os.path.basename(first)}' in unpack and 'ecdit-repo.tar.gz' not in unpack
 
 
 def test_tpu_vm_cli_dry_run():
