@@ -103,3 +103,19 @@ def test_remat_dots_saves_the_bfloat16_products_too(capsys):
     print_saved_residuals(jax.checkpoint(f, policy=checkpoint_policy('dots')), x, w1, w2)
     saved = sorted(line.split()[0].split('[')[1] for line in capsys.readouterr().out.splitlines())
     assert saved == ['16,32]', '32,4]', '8,16]', '8,32]'], (dt, saved)   # the arguments, and the first product
+
+
+def test_the_model_dense_takes_the_fast_form():
+  """Through flax: `logical_dense` in bfloat16 compute (float32 parameters, as training keeps them) runs its
+  forward and gradient products on the fast form — flax passes no result type that would bypass it."""
+  import flax.linen as nn
+
+  from ecdit.layers.dense import logical_dense
+  layer = logical_dense(8, ('embed', 'mlp'), 'wi', jnp.bfloat16, jnp.float32)
+  x = jnp.ones((4, 16), BF16)
+  params = nn.unbox(layer.init(jax.random.key(0), x))
+
+  def loss(params, x):
+    return jnp.sum(layer.apply(params, x).astype(jnp.float32) ** 2)
+  dots = _dots(jax.grad(loss, argnums=(0, 1)), params, x)
+  assert len(dots) == 3 and set(dots) == {(('bfloat16', 'bfloat16'), 'float32')}, dots
