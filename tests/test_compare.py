@@ -117,6 +117,15 @@ def test_command_end_to_end(tmp_path):
     assert (out / f).is_file()
   assert [x['label'] for x in json.loads((out / 'compare.json').read_text())['runs']] == [
       'shapes_small_dense', 'shapes_small_ec']
+  # Its own earlier output is replaced; a folder it did not write, or a run's workdir, is refused before reading.
+  assert run_cli('compare', f'--workdirs={a}', f'--out={out}', timeout=60).returncode == 0
+  (tmp_path / 'mine').mkdir()
+  (tmp_path / 'mine' / 'compare.md').write_text('my notes')
+  for bad, message in ((tmp_path / 'mine', 'exists and was not written by this command'),
+                       (b, f'--out={b} exists and was not written by this command')):   # a workdir
+    r = run_cli('compare', f'--workdirs={a}', f'--out={bad}', timeout=60)
+    assert r.returncode == 2 and message in r.stderr and r.stderr.count('\n') == 1, r.stderr
+  assert (tmp_path / 'mine' / 'compare.md').read_text() == 'my notes' and not (b / 'compare.md').exists()
 
 
 def test_command_errors(tmp_path):

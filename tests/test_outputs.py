@@ -107,3 +107,15 @@ def test_save_png_leaves_no_tmp_when_it_fails(tmp_path):
   with pytest.raises(OSError):
     sampler.save_png(np.zeros((4, 4, 3), np.uint8), tmp_path / 'd')
   assert [p.name for p in tmp_path.iterdir()] == ['d']
+
+
+@pytest.mark.parametrize('text, got', [('[1, 2, 3]', ''), ('{"name": "x", "model": 5, "train": "fast"}', '; got model, train')])
+def test_a_foreign_run_config_is_one_workdir_error(tmp_path, text, got):
+  """sample / eval / export read `config.json` through workdir.load_run_config: a JSON file that is not a run's
+  config is named in one line, not a traceback from deep in the config code."""
+  from ecdit.train import workdir
+  (tmp_path / 'config.json').write_text(text)
+  with pytest.raises(outputs.WorkdirError) as e:
+    workdir.load_run_config(tmp_path)
+  assert str(e.value) == (f'{tmp_path}/config.json is not an ecdit run config (expected a JSON object whose model, '
+                          f'train and data entries are objects{got})')

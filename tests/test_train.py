@@ -150,6 +150,8 @@ def test_checkpoint_round_trip_and_corrupt_latest(setup, tmp_path, capsys):
   partial = tmp_path / 'checkpoints' / '3.orbax-checkpoint-tmp-1700000000000000'
   (partial / 'state').mkdir(parents=True)
   (partial / 'state' / 'manifest.ocdbt').write_bytes(b'half')
+  ckpt_lib.Checkpointer(tmp_path, keep=5, use_async=False, read_only=True).close()
+  assert partial.is_dir()   # a reader leaves it: the run may still be writing it
   ck = ckpt_lib.Checkpointer(tmp_path, keep=5, use_async=True)
   assert ck.steps() == [1, 2]
   restored, data_state, step = ck.restore_latest(setup.abstract_state)
@@ -290,6 +292,22 @@ def test_checksum_mismatch_and_bad_data_state_fall_back(setup, tmp_path, capsys)
     ck.restore_latest(setup.abstract_state, check_data=lambda d, s: other.set_state(d))
   assert ck.steps() == [1]
   ck.close()
+
+
+def test_a_checkpoint_that_lost_its_meta_item_is_damage(setup, tmp_path, capsys):
+  """Among checkpoints that carry checksums, one without them lost its meta item (damage or a partial copy): it
+  is skipped like any other damage, not trusted as a checkpoint from before checksums."""
+  ck = ckpt_lib.Checkpointer(tmp_path, keep=5, use_async=False)
+  state = setup.init_state()
+  for step in (1, 2):
+    ck.save(step, state.replace(step=jnp.asarray(step, state.step.dtype)), {'i': step}, {})
+  ck.close()
+  shutil.rmtree(tmp_path / 'checkpoints' / '2' / 'meta')
+  ck = ckpt_lib.Checkpointer(tmp_path, keep=5, use_async=False, read_only=True)
+  _, _, step = ck.restore_latest(setup.abstract_state)
+  ck.close()
+  assert step == 1 and 'checkpoint 2 has no meta item (checksums)' in capsys.readouterr().out
+  assert (tmp_path / 'checkpoints' / '2').is_dir()   # read-only: skipped, not moved
 
 
 def test_loop_resumes_and_nan_stop(tmp_path):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from absl import flags
 
-from ecdit import errors
+from ecdit import errors, outputs
 from ecdit.commands import flags as cflags
 from ecdit.eval import compare
 
@@ -29,6 +29,9 @@ def main(argv):
   if not workdirs:
     raise errors.UsageError('--workdirs is required: comma-separated training run directories')
   cflags.require(_OUT, why=': the directory for loss_curves.png, compare.md and compare.json')
+  # Before reading the runs: never inside a run, never over a folder an earlier `ecdit compare` did not write.
+  outputs.check_output(_OUT.value, '--out', folder=True,
+                       ours=outputs.folder_with('compare.json', outputs.json_with('final_loss_window', 'runs')))
   labels = _LABELS.value
   if labels is not None and len(labels) != len(workdirs):
     raise errors.UsageError(f'--labels has {len(labels)} name(s) but --workdirs has {len(workdirs)} workdir(s); '

@@ -207,20 +207,24 @@ def _reason(e: BaseException) -> str:
   return (str(e).splitlines() or [type(e).__name__])[0][:300]
 
 
-def _manager(directory: Path, keep: int, use_async: bool) -> ocp.CheckpointManager:
+def _manager(directory: Path, keep: int, use_async: bool, read_only: bool = False) -> ocp.CheckpointManager:
   # cleanup_tmp_directories: a save killed mid-write leaves only an incomplete temporary directory,
-  # which is removed when the next run opens the manager (complete checkpoints are never touched).
-  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True,
+  # which is removed when the next training run opens the manager (complete checkpoints are never touched).
+  # A reader leaves it: the run may still be training and writing it.
+  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
+                                         cleanup_tmp_directories=not read_only,
                                          enable_async_checkpointing=use_async)
   return ocp.CheckpointManager(directory, options=options, item_names=('state', 'data', 'config', 'meta'))
 
 
 class Checkpointer:
-  def __init__(self, workdir: str | Path, *, keep: int = 3, use_async: bool = True):
+  def __init__(self, workdir: str | Path, *, keep: int = 3, use_async: bool = True, read_only: bool = False):
+    """`read_only` (sample, eval, export…): opening the run deletes no temporary directory, and an unreadable
+    checkpoint is skipped but not moved (`restore_latest`)."""
     self.workdir = Path(workdir).absolute()  # Orbax wants absolute paths
     self.directory = self.workdir / 'checkpoints'
-    self.keep, self.use_async = keep, use_async
-    self.manager = _manager(self.directory, keep, use_async)
+    self.keep, self.use_async, self.read_only = keep, use_async, read_only
+    self.manager = _manager(self.directory, keep, use_async, read_only)
     self._saving = None   # the step of the save in flight (asynchronous), until it is known to be done
     self.loop_state: dict[str, int] = {}   # the restored step's loop counters (restore_latest)
 
@@ -288,7 +292,11 @@ class Checkpointer:
   def _restore_step(self, step: int, abstract_state):
     items = dict(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
                  config=ocp.args.JsonRestore())
-    checked = (self.directory / str(step) / 'meta').is_dir()   # no meta item: a checkpoint from before it
+    checked = (self.directory / str(step) / 'meta').is_dir()   # no meta item: a checkpoint from before it,
+    if not checked and any((self.directory / str(s) / 'meta').is_dir() for s in self.steps()):
+      # unless another checkpoint of the same run has one: then this one lost it (damage, or a partial copy).
+      raise CheckpointError(f'checkpoint {step} has no meta item (checksums) while other checkpoints of this run '
+                            'have one')
     if checked:
       items['meta'] = ocp.args.JsonRestore()
     out = self.manager.restore(step, args=ocp.args.Composite(**items))
@@ -302,7 +310,7 @@ class Checkpointer:
     return state, out['data'], counters
 
   def restore_latest(self, abstract_state, check_data: Callable[[Any, int], None] | None = None,
-                     move_unreadable: bool = True):
+                     move_unreadable: bool | None = None):
     """Returns (state, data_state, step) from the newest readable checkpoint, or None if there is none.
 
     Readable means Orbax reads it, it holds its own step, finite values matching their saved checksums, and
@@ -312,6 +320,8 @@ class Checkpointer:
     nothing is moved and the first error is raised (most likely the config no longer matches the checkpoints). The
     step's loop counters are left in `self.loop_state` ({} for a checkpoint from before them).
     """
+    if move_unreadable is None:
+      move_unreadable = not self.read_only
     steps = self.steps()
     failures = []
     for step in reversed(steps):
@@ -351,7 +361,7 @@ class Checkpointer:
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
       multihost_utils.sync_global_devices('ecdit: unreadable checkpoints moved')
-    self.manager = _manager(self.directory, self.keep, self.use_async)
+    self.manager = _manager(self.directory, self.keep, self.use_async, self.read_only)
 
 
 def abstract_like(tree, shardings):

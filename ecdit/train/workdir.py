@@ -83,11 +83,18 @@ def load_run_config(workdir: str | Path):
     d = json.loads(path.read_text())
   except (OSError, ValueError) as e:
     raise WorkdirError(f'{path} is unreadable: {e}') from None
+  foreign = not isinstance(d, dict) or [k for k in ('model', 'train', 'data') if not isinstance(d.get(k, {}), dict)]
+  if foreign:
+    raise WorkdirError(f'{path} is not an ecdit run config (expected a JSON object whose model, train and data '
+                       f'entries are objects{"; got " + ", ".join(foreign) if isinstance(foreign, list) else ""})')
   d.pop('resolved_model', None)
-  d = config_lib.with_defaults(d)
-  if isinstance(d.get('data', {}).get('latent_shape'), list):
-    d['data']['latent_shape'] = tuple(d['data']['latent_shape'])
-  return ml_collections.ConfigDict(d)
+  try:
+    d = config_lib.with_defaults(d)
+    if isinstance(d.get('data', {}).get('latent_shape'), list):
+      d['data']['latent_shape'] = tuple(d['data']['latent_shape'])
+    return ml_collections.ConfigDict(d)
+  except (TypeError, ValueError, KeyError, AttributeError) as e:
+    raise WorkdirError(f'{path} is not an ecdit run config ({type(e).__name__}: {e})') from None
 
 
 def tokenizer_path(cfg) -> Path | None:
@@ -119,9 +126,10 @@ def restore(workdir: str | Path, *, ema: bool = False,
   if require is not None:
     require(cfg, mcfg)
   setup = loop.build(cfg, mcfg)
-  ck = ckpt_lib.Checkpointer(workdir, keep=cfg.train.keep_checkpoints, use_async=False)
+  # Reading never moves or deletes a file: the run may still be training.
+  ck = ckpt_lib.Checkpointer(workdir, keep=cfg.train.keep_checkpoints, use_async=False, read_only=True)
   try:
-    restored = ck.restore_latest(setup.abstract_state, move_unreadable=False)   # reading never moves a file
+    restored = ck.restore_latest(setup.abstract_state)
   finally:
     ck.close()
   if restored is None:
