@@ -79,6 +79,14 @@ def run(argv=None):
     app.run(module.main, argv=[f'ecdit {command}'] + args, flags_parser=parser)
   except errors.EcditError as e:
     return _report(e, args)
+  except OSError as e:
+    if e.filename is None:   # not a filesystem error about a path: a bug, keep its traceback
+      raise
+    # The filesystem refused a path no check anticipated (permissions, a full disk, a file where a folder
+    # should be): still one line naming the path.
+    failure = errors.RunError(f'{e.strerror or type(e).__name__}: {e.filename}')
+    failure.__cause__ = e
+    return _report(failure, args)
   return 0
 
 

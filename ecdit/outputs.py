@@ -84,9 +84,13 @@ def check_train_workdir(workdir: Path, resolved_model: dict) -> None:
     if (run := enclosing_run(workdir)) is not None:
       raise WorkdirError(f'--workdir={workdir} is inside the ecdit run {run}; '
                          'train into a directory outside other runs')
+    if _writable_from(workdir) is None:
+      raise WorkdirError(f'--workdir={workdir} cannot be created: no writable directory above it')
     return
   if not workdir.is_dir():
     raise WorkdirError(f'--workdir={workdir} exists and is not a directory')
+  if not os.access(workdir, os.W_OK | os.X_OK):
+    raise WorkdirError(f'--workdir={workdir} is not writable')
   if not is_run(workdir):
     if any(workdir.iterdir()):
       raise WorkdirError(f'--workdir={workdir} is not empty and is not an ecdit run (no {RUN_MARKER}); '
@@ -98,6 +102,18 @@ def check_train_workdir(workdir: Path, resolved_model: dict) -> None:
     k, was, now = diff
     raise WorkdirError(f'--workdir={workdir} is a run of a different model: model.{k}={was!r} there, '
                        f'{now!r} now; resume with --config.model.{k}={was!r}, or use a new workdir')
+
+
+def check_data_dir(data_dir) -> None:
+  """`data.dir` (a local path) can hold datasets: a directory, or creatable. A read-only one is fine for data
+  already prepared there, so that is left to the dataset code."""
+  if data_dir is None or '://' in str(data_dir):
+    return
+  path = Path(data_dir)
+  if path.exists() and not path.is_dir():
+    raise OutputError(f'--config.data.dir={path} exists and is not a directory')
+  if not path.exists() and _writable_from(path) is None:
+    raise OutputError(f'--config.data.dir={path} cannot be created: no writable directory above it')
 
 
 def check_run_name(name: str) -> None:

@@ -135,6 +135,10 @@ def main(argv):
   kind = argv[1]
   if kind == 'bug':
     raise KeyError('a bug keeps its traceback')
+  if kind == 'oserror':   # the filesystem refusing a path no check anticipated
+    raise PermissionError(13, 'Permission denied', '/some/run/config.json')
+  if kind == 'oserror_no_path':
+    raise OSError('a socket went away')
   raise getattr(errors, kind)('the disk\\nis gone')
 m.main = main
 sys.modules['boom'] = m
@@ -165,6 +169,15 @@ def test_error_boundary_one_line_and_exit_status(kind, code):
 def test_a_bug_keeps_its_traceback():
   r = boom('bug')
   assert r.returncode == 1 and 'Traceback' in r.stderr and 'ecdit: error' not in r.stderr
+  r = boom('oserror_no_path')   # an OSError about no path is not a filesystem refusal
+  assert r.returncode == 1 and 'Traceback' in r.stderr and 'ecdit: error' not in r.stderr
+
+
+def test_a_filesystem_refusal_is_one_line_naming_the_path():
+  r = boom('oserror')
+  assert r.returncode == 1 and r.stderr == 'ecdit: error: Permission denied: /some/run/config.json\n', r.stderr
+  verbose = boom('oserror', '--verbose')
+  assert 'Traceback' in verbose.stderr and 'PermissionError' in verbose.stderr
 
 
 def test_error_classes_keep_their_bases_and_exit_status():

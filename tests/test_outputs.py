@@ -119,3 +119,17 @@ def test_a_foreign_run_config_is_one_workdir_error(tmp_path, text, got):
     workdir.load_run_config(tmp_path)
   assert str(e.value) == (f'{tmp_path}/config.json is not an ecdit run config (expected a JSON object whose model, '
                           f'train and data entries are objects{got})')
+
+
+def test_train_workdir_and_data_dir_must_be_creatable(tmp_path):
+  """Checked before anything is written or built: a workdir or data dir under a file, a data dir that is a
+  file, a workdir that exists but cannot be written."""
+  (tmp_path / 'afile').write_text('x')
+  with pytest.raises(outputs.WorkdirError, match=r'^--workdir=.*/afile/wd cannot be created: no writable directory'):
+    outputs.check_train_workdir(tmp_path / 'afile' / 'wd', {})
+  with pytest.raises(outputs.OutputError, match=r'^--config.data.dir=.*/afile exists and is not a directory$'):
+    outputs.check_data_dir(tmp_path / 'afile')
+  with pytest.raises(outputs.OutputError, match=r'^--config.data.dir=.*/afile/d cannot be created'):
+    outputs.check_data_dir(tmp_path / 'afile' / 'd')
+  outputs.check_data_dir(tmp_path / 'new' / 'data')      # creatable: fine
+  outputs.check_data_dir('gs://bucket/data')              # a URL is the dataset code's to check

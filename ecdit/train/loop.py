@@ -178,6 +178,7 @@ def train(cfg, workdir: str | Path, *, progress: bool = True, data_fn=None, devi
   # Nothing is written before the workdir is known to be new, empty or a run of this very model.
   check_layout_matches_run(workdir, mcfg, cfg.train)
   outputs.check_train_workdir(workdir, resolved['resolved_model'])
+  outputs.check_data_dir(cfg.data.dir)
   try:
     setup = build(cfg, mcfg, devices, strict=True)
   except ValueError as e:   # the mesh does not fit the devices, or does not divide the model or batch
