@@ -83,10 +83,11 @@ def load_run_config(workdir: str | Path):
     d = json.loads(path.read_text())
   except (OSError, ValueError) as e:
     raise WorkdirError(f'{path} is unreadable: {e}') from None
-  foreign = not isinstance(d, dict) or [k for k in ('model', 'train', 'data') if not isinstance(d.get(k, {}), dict)]
-  if foreign:
-    raise WorkdirError(f'{path} is not an ecdit run config (expected a JSON object whose model, train and data '
-                       f'entries are objects{"; got " + ", ".join(foreign) if isinstance(foreign, list) else ""})')
+  expected = 'expected a JSON object whose model, train and data entries are objects'
+  if not isinstance(d, dict):
+    raise WorkdirError(f'{path} is not an ecdit run config ({expected})')
+  if bad := [k for k in ('model', 'train', 'data') if not isinstance(d.get(k, {}), dict)]:
+    raise WorkdirError(f'{path} is not an ecdit run config ({expected}; got {", ".join(bad)})')
   d.pop('resolved_model', None)
   try:
     d = config_lib.with_defaults(d)
