@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ecdit import errors
+from ecdit.eval import seeds
 
 FINAL_LOSS_WINDOW = 5    # final loss = mean of the last this-many logged losses (one logged value is noisy)
 Z95 = 1.959964
@@ -46,6 +47,9 @@ class RunSummary:
   final_loss: float
   eval: dict | None = None                    # see geneval_summary()
   fg_bg: dict | None = None                   # {'fg_mean', 'bg_mean', 'ratio', 'step', 'file'}
+  seed: int | None = None                     # the config's top-level seed
+  config_key: str = ''                        # seeds.config_key: equal for replicas that differ by seed
+  step_ms: float | None = None                # 1000 / the last logged steps_per_sec (steady-state step time)
 
 
 # ------------------------------------------------------------------------------------------- loading
@@ -108,6 +112,19 @@ def read_curve(path: Path) -> tuple[str, list[tuple[int, float]]]:
   return key, curve
 
 
+def step_ms(path: Path) -> float | None:
+  """1000 / the last logged finite `steps_per_sec` (the loop logs the steady-state mean since step 1)."""
+  rate = None
+  for line in path.read_text().splitlines():
+    try:
+      r = json.loads(line).get('steps_per_sec')
+    except (json.JSONDecodeError, AttributeError):
+      continue
+    if isinstance(r, (int, float)) and math.isfinite(r) and r > 0:
+      rate = r
+  return 1000 / rate if rate else None
+
+
 def load_run(workdir, label: str | None = None) -> RunSummary:
   """A RunSummary of one `ecdit train` workdir. Raises CompareError for a missing workdir, config.json or
   metrics.jsonl; missing eval / analysis results leave `eval` / `fg_bg` None."""
@@ -127,7 +144,8 @@ def load_run(workdir, label: str | None = None) -> RunSummary:
       routing=routing, num_experts=int(model.get('num_experts') or 1),
       capacity_factor=model.get('capacity_factor') if routing == 'expert_choice' else None,
       top_k=model.get('top_k') if routing == 'token_choice' else None,
-      steps=curve[-1][0], loss_key=key, curve=curve, final_loss=sum(last) / len(last))
+      steps=curve[-1][0], loss_key=key, curve=curve, final_loss=sum(last) / len(last),
+      seed=cfg.get('seed'), config_key=seeds.config_key(cfg), step_ms=step_ms(wd / 'metrics.jsonl'))
 
   eval_path = _newest_step_path((wd / 'eval').glob('step_*.json'))
   if eval_path:
@@ -187,15 +205,6 @@ PALETTE = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 1
            (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
 
 
-def ema(values, smoothing: float = 0.6) -> np.ndarray:
-  """Debiased exponential moving average (TensorBoard's smoothing): the first points are not pulled to 0."""
-  out, acc = [], 0.0
-  for i, v in enumerate(values):
-    acc = smoothing * acc + (1 - smoothing) * v
-    out.append(acc / (1 - smoothing ** (i + 1)))
-  return np.asarray(out)
-
-
 def nice_linear_ticks(lo: float, hi: float, target: int = 6) -> list[float]:
   """Round ticks (1, 2, 5 × 10^k apart) covering [lo, hi]."""
   span = max(hi - lo, 1e-12)
@@ -215,8 +224,10 @@ def log_ticks(lo: float, hi: float) -> list[float]:
   return ticks
 
 
-def loss_curves_png(runs, path, *, size=(900, 560), smoothing: float = 0.6) -> Path:
-  """One line per run (EMA-smoothed, raw values faint behind), x = step, y = loss on a log scale."""
+def loss_curves_png(runs, path, *, size=(900, 560), smoothing: float = 0.6, groups=None) -> Path:
+  """One line per run (EMA-smoothed, raw values faint behind), x = step, y = loss on a log scale.
+
+  `groups` (seeds.Group list): the runs of a group share a colour and one legend entry."""
   from PIL import Image, ImageDraw, ImageFont  # pylint: disable=import-outside-toplevel
   w, h = size
   left, right, top, bottom = 70, 20, 36, 50
@@ -254,11 +265,13 @@ def loss_curves_png(runs, path, *, size=(900, 560), smoothing: float = 0.6) -> P
   draw.text((left, top / 2), f'training loss ({keys}, log scale; EMA {smoothing:g})',
             fill=axis, font=font, anchor='lm')
 
-  for i, r in enumerate(runs):
-    color = PALETTE[i % len(PALETTE)]
+  groups = groups or [seeds.Group(r.label, [r]) for r in runs]
+  colour_of = {id(r): PALETTE[i % len(PALETTE)] for i, g in enumerate(groups) for r in g.runs}
+  for r in runs:
+    color = colour_of[id(r)]
     faint = tuple(int(c + 0.75 * (255 - c)) for c in color)
     pts = [(s, v) for s, v in r.curve if v > 0]
-    smooth = ema([v for _, v in pts], smoothing)
+    smooth = seeds.ema([v for _, v in pts], smoothing)
     for values, fill, width in (([v for _, v in pts], faint, 1), (smooth, color, 2)):
       line = [px(s, v) for (s, _), v in zip(pts, values)]
       if len(line) > 1:
@@ -267,7 +280,8 @@ def loss_curves_png(runs, path, *, size=(900, 560), smoothing: float = 0.6) -> P
         draw.ellipse([line[0][0] - 2, line[0][1] - 2, line[0][0] + 2, line[0][1] + 2], fill=fill)
 
   # Legend, top right inside the axes (losses fall, so that corner is usually empty).
-  rows = [(r.label, PALETTE[i % len(PALETTE)]) for i, r in enumerate(runs)]
+  rows = [(g.label + (f' ({len(g.runs)} seeds)' if len(g.runs) > 1 else ''), PALETTE[i % len(PALETTE)])
+          for i, g in enumerate(groups)]
   box_w = 34 + max(draw.textlength(label, font=font) for label, _ in rows)
   x0, y0 = w - right - box_w - 8, top + 8
   draw.rectangle([x0, y0, x0 + box_w, y0 + 18 * len(rows) + 6], fill='white', outline=axis)
@@ -284,22 +298,39 @@ def loss_curves_png(runs, path, *, size=(900, 560), smoothing: float = 0.6) -> P
 
 # -------------------------------------------------------------------------------------------- report
 
-def write_report(runs, out) -> dict:
-  """Writes `out`/loss_curves.png, compare.md and compare.json; returns {'png', 'md', 'json', 'table'}."""
+def write_report(runs, out, *, group_by: str = 'config', target_loss: float | None = None) -> dict:
+  """Writes `out`/loss_curves.png, compare.md and compare.json; returns {'png', 'md', 'json', 'table',
+  'seeds_table'}. Runs that `group_by` puts together (replicas of one config over seeds, by default) also
+  get a table of means and 95% intervals over their seeds (`seeds_table`, None when every group is one run)."""
   out = Path(out)
   out.mkdir(parents=True, exist_ok=True)
-  png = loss_curves_png(runs, out / 'loss_curves.png')
+  groups = seeds.group_runs(runs, group_by)
+  grouped = any(len(g.runs) > 1 for g in groups)
+  png = loss_curves_png(runs, out / 'loss_curves.png', groups=groups if grouped else None)
   table = markdown_table(runs)
+  target = seeds.common_target_loss(runs) if target_loss is None else float(target_loss)
+  rows = [seeds.summarize(g, target) for g in groups]
+  seeds_table = seeds.markdown_groups(rows) if grouped else None
   notes = [f'- final loss: mean `{runs[0].loss_key}` of the last {FINAL_LOSS_WINDOW} logged steps.',
            '- GenEval overall: mean of the tag accuracies; 95% CI by a normal approximation over the per-tag '
            'binomials unless the eval file gives one.',
            '- fg/bg experts: mean experts per foreground token / per background token (`ecdit analyze`); '
            'n/a without an analysis (dense runs have no experts).']
+  seed_section = [] if not grouped else [
+      '## Over seeds', '', seeds_table, '',
+      f'- runs grouped by {group_by} ({"config.json without seed and bookkeeping keys" if group_by == "config" else "label"}); '
+      'each cell is the mean over a group\'s runs ± the half-width of its 95% Student-t interval over seeds '
+      '(GenEval: [interval]; each seed\'s score carries its own image noise, so the spread covers both).',
+      f'- steps to loss {target:.4f}: the first logged step whose smoothed loss (the plot\'s EMA) is at or '
+      'below it; ' + ('given by --target_loss.' if target_loss is not None else
+                      'the highest of the runs\' lowest smoothed losses, so every run reaches it.'),
+      '- ms/step: 1000 / the last logged steady-state steps_per_sec (a run\'s own machine and load).', '']
   sources = [f'- {r.label}: `{r.workdir}`' + (f', eval `{r.eval["file"]}`' if r.eval else '') +
              (f', analysis `{r.fg_bg["file"]}`' if r.fg_bg else '') for r in runs]
   md = out / 'compare.md'
   md.write_text('\n'.join(['# Run comparison', '', table, '', '![training loss](loss_curves.png)', '',
-                           *notes, '', 'Sources:', '', *sources, '']))
+                           *notes, '', *seed_section, 'Sources:', '', *sources, '']))
   js = out / 'compare.json'
-  js.write_text(json.dumps(to_json(runs), indent=1) + '\n')
-  return {'png': png, 'md': md, 'json': js, 'table': table}
+  js.write_text(json.dumps(dict(to_json(runs), group_by=group_by, target_loss=target, groups=rows),
+                           indent=1) + '\n')
+  return {'png': png, 'md': md, 'json': js, 'table': table, 'seeds_table': seeds_table}
