@@ -150,14 +150,16 @@ def test_read_curve_skips_null_losses(tmp_path):
 def test_torn_last_line_skipped_with_a_warning(tmp_path, capsys):
   wd = make_workdir(tmp_path / 'ec')
   assert compare.load_run(wd).steps == 350
-  assert capsys.readouterr().err == f'warning: {wd / "metrics.jsonl"} line 8: torn last line skipped (a run killed mid-write?)\n'
+  assert capsys.readouterr().err == (f'warning: {wd / "metrics.jsonl"} line 8: torn last line skipped '
+                                     '(a run killed mid-write?)\n')
 
 
 GOOD_LINE = '{"step": 1, "flow_loss": 0.5}'
 
 
 @pytest.mark.parametrize('file, text, message', [
-    ('metrics.jsonl', f'5\n{GOOD_LINE}\n', 'metrics.jsonl line 1: expected a JSON object with an integer "step", got 5'),
+    ('metrics.jsonl', f'5\n{GOOD_LINE}\n',
+     'metrics.jsonl line 1: expected a JSON object with an integer "step", got 5'),
     ('metrics.jsonl', f'{GOOD_LINE}\n{{"step": "x"}}\n', 'metrics.jsonl line 2: expected an integer "step", got "x"'),
     ('metrics.jsonl', f'"step"\n{GOOD_LINE}\n', 'metrics.jsonl line 1: expected a JSON object'),
     ('metrics.jsonl', f'{{"step": 1, "lo\n{GOOD_LINE}\n', 'metrics.jsonl line 1: not valid JSON'),   # torn, not last
