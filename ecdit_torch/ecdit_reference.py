@@ -43,7 +43,8 @@ _FLOOR_SLACK = 1e-9
 
 
 class ExportError(ValueError):
-  """A bad export directory (missing file, tensor shape / name mismatch with config.json)."""
+  """A bad export folder (`ecdit export` or `--format=diffusers`): a missing file or folder, an invalid
+  config.json, tensors that do not match it. The message is one line naming the file and the key or tensor."""
 
 
 class Config:
@@ -409,39 +410,242 @@ class ECDiT(nn.Module):
     return unpatchify(self.final(tokens, c), cfg.patch_size, cfg.grid_size, cfg.in_channels)
 
 
-# ---- loading --------------------------------------------------------------------------------------------
+# ---- loading ------------------------------------------------------------------------------------------
+#
+# Everything a config.json says is checked before a tensor is allocated: its keys present and typed, the sizes
+# that set how much memory a model takes (depth, width, experts, text depth) against the safetensors header
+# (read without reading a tensor), the rest consistent and below LIMITS, then every tensor name, shape and
+# dtype against a model built on the meta device (no memory); only then are the weights read. Every failure
+# is one ExportError line naming the file and the key or tensor.
 
-def read_model_config(export_dir: str | Path) -> Config:
-  path = Path(export_dir) / 'config.json'
+WEIGHTS_FILE = 'model.safetensors'
+CONFIG_FILE = 'config.json'
+ROUTINGS = ('dense', 'expert_choice', 'token_choice')
+SCOPES = ('image', 'group', 'batch')
+TEXT_ENCODERS = ('transformer', 'precomputed')
+FLOAT_DTYPES = ('F16', 'BF16', 'F32', 'F64')
+# Upper bounds far above any real EC-DiT; they keep a damaged config.json from asking for absurd work first.
+LIMITS = {'image_size': 16384, 'in_channels': 1024, 'patch_size': 256, 'width': 65536, 'depth': 4096,
+          'num_heads': 4096, 'mlp_ratio': 64, 'num_experts': 65536, 'moe_every': 4096, 'top_k': 65536,
+          'vocab_size': 1 << 22, 'text_length': 65536, 'text_width': 65536, 'text_depth': 4096,
+          'text_heads': 4096, 'text_states_dim': 65536, 'group_size': 1 << 24}
+MAX_IMAGE_TOKENS = 1 << 16   # (image_size / patch_size)²: sets the position table, which no tensor checks
+MODEL_SIZES = ('image_size', 'in_channels', 'patch_size', 'width', 'depth', 'num_heads', 'mlp_ratio',
+               'num_experts', 'moe_every', 'top_k')
+TEXT_SIZES = {'transformer': ('vocab_size', 'text_length', 'text_width', 'text_depth', 'text_heads'),
+              'precomputed': ('text_states_dim',)}
+OPTIONAL = ('num_kv_heads', 'eval_capacity_factor', 'group_size')   # None when absent
+
+
+def first_line(e: BaseException) -> str:
+  lines = str(e).strip().splitlines()
+  return lines[0] if lines else type(e).__name__
+
+
+def _is_int(v) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+  return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+class _Checker:
+  """Fails with one ExportError naming `where` and `prefix + key`."""
+
+  def __init__(self, d: Mapping[str, Any], where, prefix: str):
+    self.d, self.where, self.prefix = d, where, prefix
+
+  def fail(self, key: str, expected: str):
+    if key not in self.d:
+      raise ExportError(f'{self.where}: {self.prefix}{key} is missing: expected {expected}')
+    raise ExportError(f'{self.where}: {self.prefix}{key}={self.d[key]!r} is invalid: expected {expected}')
+
+  def sizes(self, keys, bounded: bool = True) -> None:
+    for key in keys:
+      v, top = self.d.get(key), LIMITS[key] if bounded else None
+      if not _is_int(v) or v < 1 or (top is not None and v > top):
+        self.fail(key, f'an integer in [1, {top}]' if top else 'a positive integer')
+
+  def choice(self, key: str, allowed) -> str:
+    if self.d.get(key) not in allowed:
+      self.fail(key, f'one of {list(allowed)}')
+    return self.d[key]
+
+  def multiple(self, key: str, of: str) -> None:
+    if self.d[key] % self.d[of]:
+      self.fail(key, f'a multiple of {self.prefix}{of}={self.d[of]}')
+
+
+def check_config(d: Mapping[str, Any], where, prefix: str = 'model.', header=None, weights=None,
+                 text_prefix: str | None = 'text_encoder.') -> Config:
+  """The architecture fields of a config.json (the `model` section of an export, or a diffusers transformer's
+  config with text_encoder='precomputed') checked → Config; ExportError naming the key otherwise.
+
+  header: read_header() of the weights file `weights`. The sizes that set how much a model allocates (depth,
+  width, experts, text depth; text_prefix: where the text encoder's tensors are, None: not in these weights)
+  are then compared with the weights first, so a wrong one is reported as what the weights hold."""
+  if not isinstance(d, Mapping):
+    raise ExportError(f'{where}: expected a JSON object of model fields, got {type(d).__name__}')
+  c = _Checker(d, where, prefix)
+  text_encoder = c.choice('text_encoder', TEXT_ENCODERS)
+  routing = c.choice('routing', ROUTINGS)
+  scope = c.choice('routing_scope', SCOPES)
+  sizes = MODEL_SIZES + TEXT_SIZES[text_encoder]
+  c.sizes(sizes, bounded=False)
+  if header is not None:
+    check_sizes(header_sizes(routing, text_encoder, header, text_prefix), d, weights, prefix)
+  c.sizes(sizes)
+  if text_encoder == 'transformer':
+    c.multiple('text_width', 'text_heads')
+  c.multiple('width', 'num_heads')
+  c.multiple('image_size', 'patch_size')
+  kv = d.get('num_kv_heads')
+  if kv is not None and (not _is_int(kv) or kv < 1 or d['num_heads'] % kv):
+    c.fail('num_kv_heads', f'null or a positive divisor of {prefix}num_heads={d["num_heads"]}')
+  if (d['image_size'] // d['patch_size']) ** 2 > MAX_IMAGE_TOKENS:
+    c.fail('image_size', f'at most {MAX_IMAGE_TOKENS} patches of {d["patch_size"]}² per image')
+  if not _is_number(d.get('capacity_factor')) or d['capacity_factor'] <= 0:
+    c.fail('capacity_factor', 'a number > 0')
+  ecf = d.get('eval_capacity_factor')
+  if ecf is not None and (not _is_number(ecf) or ecf <= 0):
+    c.fail('eval_capacity_factor', 'null or a number > 0')
+  if routing == 'token_choice' and d['top_k'] > d['num_experts']:
+    c.fail('top_k', f'at most {prefix}num_experts={d["num_experts"]}')
+  if scope == 'group':
+    c.sizes(['group_size'])
+  return Config({**{k: None for k in OPTIONAL}, **d})
+
+
+def check_text_config(d: Mapping[str, Any], where, prefix: str = '', header=None, weights=None) -> None:
+  """The sizes of ecdit's own text encoder component (its tensors named without the `text_encoder.` prefix)."""
+  c = _Checker(d, where, prefix)
+  c.sizes(TEXT_SIZES['transformer'], bounded=False)
+  if header is not None:
+    check_sizes({'text_depth': block_count(header, 'blocks.')}, d, weights, prefix)
+  c.sizes(TEXT_SIZES['transformer'])
+  c.multiple('text_width', 'text_heads')
+
+
+def read_json_object(path: Path) -> dict:
+  try:
+    d = json.loads(path.read_text())
+  except (OSError, UnicodeDecodeError, ValueError) as e:
+    raise ExportError(f'{path} is not a readable JSON file: {e}') from None
+  if not isinstance(d, dict):
+    raise ExportError(f'{path}: expected a JSON object, got {type(d).__name__}')
+  return d
+
+
+def read_header(files) -> dict[str, tuple[tuple[int, ...], str]]:
+  """{tensor name: (shape, safetensors dtype)} from the headers of one or more safetensors files (the shards of
+  one model), without reading any tensor."""
+  import safetensors
+  header, origin = {}, {}
+  for file in files:
+    try:
+      with safetensors.safe_open(str(file), framework='pt') as f:
+        names = list(f.keys())
+        for name in names:
+          if name in header:
+            raise ExportError(f'{file}: tensor {name!r} is also in {origin[name]}; one tensor, one file')
+          s = f.get_slice(name)
+          header[name], origin[name] = (tuple(s.get_shape()), s.get_dtype()), file
+    except ExportError:
+      raise
+    except Exception as e:  # noqa: BLE001 — the library raises several types for a damaged file.
+      raise ExportError(f'{file} is not a readable safetensors file: {first_line(e)}') from None
+  return header
+
+
+def block_count(header, prefix: str) -> int:
+  """How many distinct `<prefix><i>.` blocks the tensor names hold."""
+  return len({n[len(prefix):].split('.')[0] for n in header if n.startswith(prefix)})
+
+
+def check_sizes(found: Mapping[str, Any], want: Mapping[str, Any], where, prefix: str) -> None:
+  """Sizes read from a header (`found`) against config.json's (`want`), before a model is built from the latter."""
+  for key, value in found.items():
+    if value != want[key]:
+      raise ExportError(f'{where}: config.json says {prefix}{key}={want[key]}, but the weights hold {key}={value}; '
+                        'do config.json and the weights belong together?')
+
+
+def header_sizes(routing: str, text_encoder: str, header, text_prefix: str | None = 'text_encoder.') -> dict:
+  """The sizes that set how much an ECDiT allocates, as the header holds them. text_prefix: where the text
+  encoder's tensors are (None: not in these weights)."""
+  found = {'depth': block_count(header, 'blocks.')}
+  if 'patch_embed.proj.weight' in header:
+    found['width'] = (header['patch_embed.proj.weight'][0] or (0,))[0]     # [width, patch_dim]
+  if routing != 'dense':
+    experts = [shape for n, (shape, _) in header.items() if n.endswith('.moe.wi.weight') and shape]
+    found['num_experts'] = experts[0][0] if experts else 0                   # [E, hidden, width]
+  if text_encoder == 'transformer' and text_prefix is not None:
+    found['text_depth'] = block_count(header, f'{text_prefix}blocks.')
+  return found
+
+
+def expected_shapes(build) -> dict[str, tuple[int, ...]]:
+  """{name: shape} of the state dict of the module `build()` makes, built on the meta device (no memory)."""
+  with torch.device('meta'):
+    module = build()
+  return {k: tuple(v.shape) for k, v in module.state_dict().items()}
+
+
+def check_tensors(header, expected: Mapping[str, tuple[int, ...]], where) -> None:
+  """Every expected tensor present with its shape and a float dtype; no unknown ones. ExportError naming the
+  first offending tensor."""
+  for name, shape in expected.items():
+    if name not in header:
+      raise ExportError(f'{where}: missing tensor {name!r} (shape {list(shape)}), which config.json requires')
+    got, dtype = header[name]
+    if got != shape:
+      raise ExportError(f'{where}: tensor {name!r} has shape {list(got)}, but config.json implies '
+                        f'{list(shape)}; do config.json and the weights belong together?')
+    if dtype not in FLOAT_DTYPES:
+      raise ExportError(f'{where}: tensor {name!r} has dtype {dtype}, expected one of {list(FLOAT_DTYPES)}')
+  unknown = sorted(set(header) - set(expected))
+  if unknown:
+    raise ExportError(f'{where}: unexpected tensor(s) {unknown[:5]}{" ..." if len(unknown) > 5 else ""} that a '
+                      'model with this config.json does not have; do config.json and the weights belong together?')
+
+
+def _export_file(export_dir: Path, name: str) -> Path:
+  if not export_dir.is_dir():
+    raise ExportError(f'export directory {export_dir} does not exist')
+  path = export_dir / name
   if not path.is_file():
-    raise ExportError(f'{path} is missing: an export directory holds config.json and model.safetensors '
+    raise ExportError(f'{path} is missing: an export directory holds {CONFIG_FILE} and {WEIGHTS_FILE} '
                       '(written by `ecdit export`)')
-  d = json.loads(path.read_text())
+  return path
+
+
+def read_model_config(export_dir: str | Path, header=None) -> Config:
+  """The checked `model` section of an export's config.json; with `header` (of its model.safetensors), checked
+  against the weights too (check_config)."""
+  export_dir = Path(export_dir)
+  path = _export_file(export_dir, CONFIG_FILE)
+  d = read_json_object(path)
   if not isinstance(d.get('model'), dict):
-    raise ExportError(f'{path}: no "model" section; not an ecdit export?')
-  return Config(d['model'])
+    raise ExportError(f'{path}: no "model" section (the model config); not an ecdit export?')
+  return check_config(d['model'], path, 'model.', header, export_dir / WEIGHTS_FILE)
 
 
 def load_model(export_dir: str | Path) -> ECDiT:
-  """The exported model as a float32 `torch.nn.Module` in eval mode. Raises ExportError naming the tensor when
-  model.safetensors does not match config.json (missing, unexpected or wrongly shaped tensors)."""
+  """The exported model as a float32 `torch.nn.Module` in eval mode. Raises ExportError (one line, naming the
+  file and the key or tensor) for a bad config.json or a model.safetensors that does not match it — checked
+  on the safetensors header before any tensor is allocated or read."""
   from safetensors.torch import load_file
-  cfg = read_model_config(export_dir)
-  weights = Path(export_dir) / 'model.safetensors'
-  if not weights.is_file():
-    raise ExportError(f'{weights} is missing: an export directory holds config.json and model.safetensors')
-  tensors = load_file(str(weights))
+  export_dir = Path(export_dir)
+  _export_file(export_dir, CONFIG_FILE)
+  weights = _export_file(export_dir, WEIGHTS_FILE)
+  header = read_header([weights])
+  cfg = read_model_config(export_dir, header)
+  check_tensors(header, expected_shapes(lambda: ECDiT(cfg)), weights)
+  try:
+    tensors = load_file(str(weights))
+  except Exception as e:  # noqa: BLE001 — a file whose header is fine but whose data is cut short.
+    raise ExportError(f'{weights} is not a readable safetensors file: {first_line(e)}') from None
   model = ECDiT(cfg)
-  expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-  for name, shape in expected.items():
-    if name not in tensors:
-      raise ExportError(f'{weights}: missing tensor {name!r} (shape {list(shape)}), which config.json requires')
-    if tuple(tensors[name].shape) != shape:
-      raise ExportError(f'{weights}: tensor {name!r} has shape {list(tensors[name].shape)}, but config.json '
-                        f'implies {list(shape)}; do config.json and the weights belong together?')
-  unknown = sorted(set(tensors) - set(expected))
-  if unknown:
-    raise ExportError(f'{weights}: unexpected tensor(s) {unknown[:5]} that a model with this config.json does '
-                      'not have; do config.json and the weights belong together?')
   model.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=True)
   return model.eval()

@@ -45,8 +45,18 @@ class ECDiTTokenizer:
       if not (folder / name).is_file():
         raise FileNotFoundError(f'{folder / name} is missing: an ECDiTTokenizer folder holds {MODEL_FILE} and '
                                 f'{CONFIG_FILE}')
-    conf = json.loads((folder / CONFIG_FILE).read_text())
-    return cls((folder / MODEL_FILE).read_bytes(), conf['model_max_length'])
+    try:
+      conf = json.loads((folder / CONFIG_FILE).read_text())
+    except ValueError as e:
+      raise ValueError(f'{folder / CONFIG_FILE} is not valid JSON: {e}') from None
+    length = conf.get('model_max_length') if isinstance(conf, dict) else None
+    if not isinstance(length, int) or isinstance(length, bool) or length < 1:
+      raise ValueError(f'{folder / CONFIG_FILE}: expected "model_max_length" to be a positive integer, got {length!r}')
+    try:
+      return cls((folder / MODEL_FILE).read_bytes(), length)
+    except RuntimeError as e:   # sentencepiece: not a model proto
+      reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+      raise ValueError(f'{folder / MODEL_FILE} is not a sentencepiece model ({reason})') from None
 
   def save_pretrained(self, folder: str | os.PathLike, **_kwargs) -> None:
     folder = Path(folder)

@@ -20,14 +20,14 @@ COUNTS = {'single_object': {'correct': 8, 'images': 10, 'prompts': 5},
 
 
 def make_workdir(path, *, routing='expert_choice', name='shapes_small_ec', losses=FLOW, eval_=True,
-                 ratio=1.25):
+                 ratio=1.25, torn=True):
   path.mkdir(parents=True)
   model = {'routing': routing, 'num_experts': 1 if routing == 'dense' else 8, 'capacity_factor': 1.0,
            'top_k': 1}
   (path / 'config.json').write_text(json.dumps({'name': name, 'model': model}))
   # `loss` (flow + balance loss) differs from `flow_loss`: the comparison must use flow_loss.
   lines = [json.dumps({'step': 50 * (i + 1), 'loss': v + 0.01, 'flow_loss': v}) for i, v in enumerate(losses)]
-  (path / 'metrics.jsonl').write_text('\n'.join(lines) + '\n{"step": 400, "lo')   # torn last line
+  (path / 'metrics.jsonl').write_text('\n'.join(lines) + ('\n{"step": 400, "lo' if torn else '\n'))   # torn last line
   if eval_:
     (path / 'eval').mkdir()
     tags = {t: c['correct'] / c['images'] for t, c in COUNTS.items()}
@@ -129,7 +129,7 @@ def test_command_end_to_end(tmp_path):
 
 
 def test_command_errors(tmp_path):
-  good = make_workdir(tmp_path / 'good')
+  good = make_workdir(tmp_path / 'good', torn=False)   # no torn-line warning: stderr is the error line alone
   (tmp_path / 'empty').mkdir()
   cases = [((f'--workdirs={good},{tmp_path / "nope"}',), f'workdir {tmp_path / "nope"} does not exist'),
            ((f'--workdirs={good},{tmp_path / "empty"}',), 'has no metrics.jsonl'),
@@ -145,3 +145,47 @@ def test_read_curve_skips_null_losses(tmp_path):
   path = tmp_path / 'metrics.jsonl'
   path.write_text('{"step": 1, "flow_loss": 0.5}\n{"step": 2, "flow_loss": null}\n{"step": 3, "flow_loss": 0.25}\n')
   assert compare.read_curve(path) == ('flow_loss', [(1, 0.5), (3, 0.25)])
+
+
+def test_torn_last_line_skipped_with_a_warning(tmp_path, capsys):
+  wd = make_workdir(tmp_path / 'ec')
+  assert compare.load_run(wd).steps == 350
+  assert capsys.readouterr().err == (f'warning: {wd / "metrics.jsonl"} line 8: torn last line skipped '
+                                     '(a run killed mid-write?)\n')
+
+
+GOOD_LINE = '{"step": 1, "flow_loss": 0.5}'
+
+
+@pytest.mark.parametrize('file, text, message', [
+    ('metrics.jsonl', f'5\n{GOOD_LINE}\n',
+     'metrics.jsonl line 1: expected a JSON object with an integer "step", got 5'),
+    ('metrics.jsonl', f'{GOOD_LINE}\n{{"step": "x"}}\n', 'metrics.jsonl line 2: expected an integer "step", got "x"'),
+    ('metrics.jsonl', f'"step"\n{GOOD_LINE}\n', 'metrics.jsonl line 1: expected a JSON object'),
+    ('metrics.jsonl', f'{{"step": 1, "lo\n{GOOD_LINE}\n', 'metrics.jsonl line 1: not valid JSON'),   # torn, not last
+    ('metrics.jsonl', f'{GOOD_LINE}\n{{"step": 2, "flow_loss": "low"}}\n',
+     'metrics.jsonl line 2: expected "flow_loss" to be a number or null, got "low"'),
+    ('config.json', '[1, 2]', 'config.json: expected a JSON object, got list [1, 2]'),
+    ('config.json', '{"name": "a", "mod', 'config.json: unreadable JSON'),
+    ('config.json', '{"model": {"num_experts": "x"}}', 'expected "model.num_experts" to be a non-negative integer'),
+    ('config.json', '{"model": 3}', 'expected "model" to be an object, got 3'),
+    ('eval/step_0000350.json', '[]', 'step_0000350.json: expected a JSON object, got list []'),
+    ('eval/step_0000350.json', '{"tags": {}}', 'step_0000350.json: expected "overall" to be a number, got null'),
+    ('eval/step_0000350.json', '{"overall": 0.5, "counts": {"position": {"correct": 1}}}',
+     'expected "counts.position" to be an object with integer "correct" and "images"'),
+    ('analysis/step_0000350/analysis.json', '{"fg_bg": [1]}', 'expected "fg_bg" to be an object or null'),
+])
+def test_damaged_files_are_one_compare_error(tmp_path, file, text, message):
+  wd = make_workdir(tmp_path / 'ec', torn=False)
+  (wd / file).write_text(text)
+  with pytest.raises(compare.CompareError) as e:
+    compare.load_run(wd)
+  assert message in str(e.value) and str(wd / file.split('/')[0]) in str(e.value) and '\n' not in str(e.value)
+
+
+def test_damaged_metrics_is_one_line_from_the_command(tmp_path):
+  good, bad = make_workdir(tmp_path / 'good', torn=False), make_workdir(tmp_path / 'bad', torn=False)
+  (bad / 'metrics.jsonl').write_text(f'{GOOD_LINE}\n5\n{GOOD_LINE}\n')
+  r = run_cli('compare', f'--workdirs={good},{bad}', f'--out={tmp_path / "out"}', timeout=60)
+  assert r.returncode == 2 and r.stderr == (
+      f'ecdit: error: {bad / "metrics.jsonl"} line 2: expected a JSON object with an integer "step", got 5\n'), r.stderr

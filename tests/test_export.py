@@ -310,8 +310,8 @@ def test_missing_tensor_is_named(ec_export):
       load(d)
 
 
-# load_jax checks depth, width and experts on the file's header first (weights.check_header); the torch
-# reference loader finds the same mismatch tensor by tensor.
+# Both loaders check depth, width and experts on the file's header first (weights.check_header,
+# ecdit_torch.ecdit_reference.check_config), then every tensor; either message names the mismatch.
 @pytest.mark.parametrize('change, match', [
     (dict(num_experts=8), r"tensor 'blocks\.1\.moe\.router\.weight' has shape \[4, 32\], but config.json implies "
                           r'\[8, 32\]|model\.num_experts=8, but the weights hold num_experts=4;'),
@@ -341,7 +341,8 @@ def test_top_level_config_must_agree_with_model(ec_export):
 
 @pytest.mark.parametrize('key,value', [('depth', 200000), ('width', 32768), ('num_experts', 16)])
 def test_config_sizes_disagreeing_with_the_weights_fail_before_building(ec_export, key, value):
-  """load_jax reads the header's sizes first: a config.json saying depth=200000 used to hang tracing it."""
+  """Both loaders read the header's sizes first: a config.json saying depth=200000 used to hang load_jax tracing
+  it, and width=32768 made the torch loader allocate ~25 GB."""
   cfg, out = ec_export
   conf = json.loads((out / 'config.json').read_text())
   conf['model'][key] = value
@@ -350,5 +351,6 @@ def test_config_sizes_disagreeing_with_the_weights_fail_before_building(ec_expor
   if key == 'width':
     conf['model']['text_width'] = value    # keeps the config itself valid (heads divide it)
   (out / 'config.json').write_text(json.dumps(conf))
-  with pytest.raises(weights.ExportError, match=rf"model.{key}={value}, but the weights hold {key}={getattr(cfg, key)};"):
-    load_jax(out)
+  for load, error in _loaders():
+    with pytest.raises(error, match=rf"model.{key}={value}, but the weights hold {key}={getattr(cfg, key)};"):
+      load(out)

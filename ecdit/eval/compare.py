@@ -17,6 +17,7 @@ import dataclasses
 import json
 import math
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -90,23 +91,61 @@ def geneval_summary(results: dict) -> dict:
 
 
 def _read_json(path: Path) -> dict:
+  """The JSON object in `path`; CompareError (naming the file) when unreadable, malformed or not an object."""
   try:
-    return json.loads(path.read_text())
-  except (OSError, json.JSONDecodeError) as e:
+    value = json.loads(path.read_text())
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
     raise CompareError(f'{path}: unreadable JSON ({e})') from None
+  if not isinstance(value, dict):
+    raise CompareError(f'{path}: expected a JSON object, got {type(value).__name__} {_short(value)}')
+  return value
+
+
+def _short(value, limit: int = 40) -> str:
+  text = json.dumps(value)
+  return text if len(text) <= limit else text[:limit] + '...'
+
+
+def _is_number(x) -> bool:
+  return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def read_records(path: Path) -> list[dict]:
+  """The records of a metrics.jsonl, each checked to be an object with an integer "step".
+
+  A last line that is not valid JSON is a write cut short by a killed run: skipped with a warning on stderr.
+  Any other malformed line raises CompareError naming the file and the line number."""
+  try:
+    lines = path.read_text().splitlines()
+  except (OSError, UnicodeDecodeError) as e:
+    raise CompareError(f'{path}: unreadable ({e})') from None
+  numbered = [(n, line) for n, line in enumerate(lines, 1) if line.strip()]
+  records = []
+  for i, (n, line) in enumerate(numbered):
+    try:
+      r = json.loads(line)
+    except json.JSONDecodeError as e:
+      if i == len(numbered) - 1:
+        print(f'warning: {path} line {n}: torn last line skipped (a run killed mid-write?)', file=sys.stderr)
+        break
+      raise CompareError(f'{path} line {n}: not valid JSON ({e.msg}); expected one JSON object per line') from None
+    if not isinstance(r, dict):
+      raise CompareError(f'{path} line {n}: expected a JSON object with an integer "step", got {_short(r)}')
+    step = r.get('step')
+    if not isinstance(step, int) or isinstance(step, bool):
+      raise CompareError(f'{path} line {n}: expected an integer "step", got {_short(step)}')
+    for key in ('loss', 'flow_loss'):
+      if r.get(key) is not None and not _is_number(r[key]):
+        raise CompareError(f'{path} line {n}: expected "{key}" to be a number or null, got {_short(r[key])}')
+    records.append(r)
+  return records
 
 
 def read_curve(path: Path) -> tuple[str, list[tuple[int, float]]]:
-  """(loss key, [(step, loss)]) from a metrics.jsonl; a torn last line (killed run) is ignored."""
-  records = []
-  for line in path.read_text().splitlines():
-    try:
-      records.append(json.loads(line))
-    except json.JSONDecodeError:
-      continue
+  """(loss key, [(step, loss)]) from a metrics.jsonl; a torn last line (killed run) is skipped with a warning."""
+  records = read_records(path)
   key = 'flow_loss' if any('flow_loss' in r for r in records) else 'loss'
-  curve = [(int(r['step']), float(r[key])) for r in records
-           if 'step' in r and isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+  curve = [(r['step'], float(r[key])) for r in records if _is_number(r.get(key)) and math.isfinite(r[key])]
   if not curve:
     raise CompareError(f'{path}: no logged step with a finite "{key}" (has the run logged its first step?)')
   return key, curve
@@ -125,9 +164,48 @@ def step_ms(path: Path) -> float | None:
   return 1000 / rate if rate else None
 
 
+def _expect(ok: bool, path: Path, key: str, expected: str, value) -> None:
+  if not ok:
+    raise CompareError(f'{path}: expected "{key}" to be {expected}, got {_short(value)}')
+
+
+def _check_config(cfg: dict, path: Path) -> dict:
+  """The `model` section of a run's config.json, with the fields compare reads checked."""
+  model = cfg.get('model', {})
+  _expect(isinstance(model, dict), path, 'model', 'an object', model)
+  _expect(isinstance(cfg.get('name', ''), str), path, 'name', 'a string', cfg.get('name'))
+  _expect(isinstance(model.get('routing', 'dense'), str), path, 'model.routing', 'a string', model.get('routing'))
+  n = model.get('num_experts')
+  _expect(n is None or (isinstance(n, int) and not isinstance(n, bool) and n >= 0), path, 'model.num_experts',
+          'a non-negative integer', n)
+  for key in ('capacity_factor', 'top_k'):
+    _expect(model.get(key) is None or _is_number(model[key]), path, f'model.{key}', 'a number', model.get(key))
+  return model
+
+
+def _check_eval(results: dict, path: Path) -> dict:
+  """An `ecdit eval` results dict with the fields geneval_summary reads checked."""
+  _expect(_is_number(results.get('overall')), path, 'overall', 'a number', results.get('overall'))
+  ci = results.get('overall_ci95')
+  _expect(ci is None or (isinstance(ci, list) and len(ci) == 2 and all(map(_is_number, ci))), path,
+          'overall_ci95', 'a list [lo, hi] of two numbers', ci)
+  for key in ('tags', 'ci95', 'counts'):
+    _expect(isinstance(results.get(key, {}), dict), path, key, 'an object', results.get(key))
+  for tag, acc in results.get('tags', {}).items():
+    _expect(acc is None or _is_number(acc), path, f'tags.{tag}', 'a number', acc)
+  for tag, c in results.get('counts', {}).items():
+    _expect(isinstance(c, dict) and all(isinstance(c.get(k), int) and not isinstance(c.get(k), bool)
+                                        for k in ('correct', 'images')),
+            path, f'counts.{tag}', 'an object with integer "correct" and "images"', c)
+  step = results.get('step')
+  _expect(step is None or (isinstance(step, int) and not isinstance(step, bool)), path, 'step', 'an integer', step)
+  return results
+
+
 def load_run(workdir, label: str | None = None) -> RunSummary:
   """A RunSummary of one `ecdit train` workdir. Raises CompareError for a missing workdir, config.json or
-  metrics.jsonl; missing eval / analysis results leave `eval` / `fg_bg` None."""
+  metrics.jsonl, and for a malformed one (or a malformed eval / analysis file), naming the file; missing eval /
+  analysis results leave `eval` / `fg_bg` None."""
   wd = Path(workdir)
   if not wd.is_dir():
     raise CompareError(f'workdir {wd} does not exist')
@@ -135,7 +213,7 @@ def load_run(workdir, label: str | None = None) -> RunSummary:
     if not (wd / f).is_file():
       raise CompareError(f'workdir {wd} has no {f} (is it an `ecdit train` run directory?)')
   cfg = _read_json(wd / 'config.json')
-  model = cfg.get('model', {})
+  model = _check_config(cfg, wd / 'config.json')
   routing = model.get('routing', 'dense')
   key, curve = read_curve(wd / 'metrics.jsonl')
   last = [loss for _, loss in curve[-FINAL_LOSS_WINDOW:]]
@@ -145,17 +223,21 @@ def load_run(workdir, label: str | None = None) -> RunSummary:
       capacity_factor=model.get('capacity_factor') if routing == 'expert_choice' else None,
       top_k=model.get('top_k') if routing == 'token_choice' else None,
       steps=curve[-1][0], loss_key=key, curve=curve, final_loss=sum(last) / len(last),
-      seed=cfg.get('seed'), config_key=seeds.config_key(cfg), step_ms=step_ms(wd / 'metrics.jsonl'))
+      seed=cfg['seed'] if isinstance(cfg.get('seed'), int) else None, config_key=seeds.config_key(cfg), step_ms=step_ms(wd / 'metrics.jsonl'))
 
   eval_path = _newest_step_path((wd / 'eval').glob('step_*.json'))
   if eval_path:
-    run.eval = dict(geneval_summary(_read_json(eval_path)), file=str(eval_path))
+    run.eval = dict(geneval_summary(_check_eval(_read_json(eval_path), eval_path)), file=str(eval_path))
   analysis_dir = _newest_step_path(p for p in (wd / 'analysis').glob('step_*') if (p / 'analysis.json').is_file())
   if analysis_dir:
-    fb = _read_json(analysis_dir / 'analysis.json').get('fg_bg') or {}   # None when run with --scenes=0
+    path = analysis_dir / 'analysis.json'
+    fb = _read_json(path).get('fg_bg') or {}   # None when run with --scenes=0
+    _expect(isinstance(fb, dict), path, 'fg_bg', 'an object or null', fb)
     if fb.get('ratio') is not None:
+      for k in ('fg_mean', 'bg_mean', 'ratio'):
+        _expect(_is_number(fb.get(k)), path, f'fg_bg.{k}', 'a number', fb.get(k))
       run.fg_bg = {'fg_mean': fb['fg_mean'], 'bg_mean': fb['bg_mean'], 'ratio': fb['ratio'],
-                   'step': int(analysis_dir.name.split('_')[1]), 'file': str(analysis_dir / 'analysis.json')}
+                   'step': int(analysis_dir.name.split('_')[1]), 'file': str(path)}
   return run
 
 
@@ -163,9 +245,10 @@ def load_run(workdir, label: str | None = None) -> RunSummary:
 
 def routing_text(run: RunSummary) -> str:
   if run.routing == 'expert_choice':
-    return f'expert choice ({run.num_experts}E, f={run.capacity_factor:g})'
+    f = 'n/a' if run.capacity_factor is None else f'{run.capacity_factor:g}'
+    return f'expert choice ({run.num_experts}E, f={f})'
   if run.routing == 'token_choice':
-    return f'token choice ({run.num_experts}E, top-{run.top_k})'
+    return f'token choice ({run.num_experts}E, top-{"n/a" if run.top_k is None else run.top_k})'
   return run.routing
 
 
