@@ -90,6 +90,24 @@ def test_paper_configs_carry_the_recipe():
     assert (m.image_size, m.in_channels, m.patch_size) == (32, 4, 2)   # from data.latent_shape (32, 32, 4)
 
 
+def test_shapes_small_comparisons_hold_activated_compute_fixed():
+  """The expert-count family differs only in E: activated = dense total + E·d router weights per sparse layer
+  (f_c = 1: one expert FFN per token on average), while total parameters grow by (E−1) expert FFNs per layer."""
+  from ecdit.models import params as P   # pylint: disable=import-outside-toplevel
+  dense = P.count(config_lib.validate(_module('shapes_small').get_config('dense')))
+  d, sparse, expert = 128, 3, 8 * 128 * 128 + 5 * 128                # 6 blocks, every 2nd FFN sparse
+  for variant, experts in (('ec_e4', 4), ('ec', 8), ('ec_e16', 16), ('ec_e32', 32)):
+    m = config_lib.validate(_module('shapes_small').get_config(variant))
+    assert (m.num_experts, m.capacity_factor, m.routing_scope) == (experts, 1.0, 'image')
+    counts = P.count(m)
+    assert counts['activated'] == dense['total'] + sparse * experts * d, variant
+    assert counts['total'] == dense['total'] + sparse * ((experts - 1) * expert + experts * d), variant
+  g = config_lib.validate(_module('shapes_small').get_config('ec_g4'))
+  tokens = (g.image_size // g.patch_size) ** 2                          # 64 per image
+  assert (g.routing_scope, g.group_size, g.for_inference().group_size) == ('group', 4 * tokens, 2 * tokens)
+  assert g.capacity_for(g.group_size, train=True) == 4 * tokens // 8   # each expert picks 32 of 256
+
+
 def test_unknown_variant():
   with pytest.raises(ValueError, match='xl_32e'):
     _module('paper').get_config('nope')
