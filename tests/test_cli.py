@@ -53,6 +53,11 @@ def test_bad_config_is_one_line(args, needle, tmp_path):
     ({'diffusion.mask_ratio': 1.5}, 'diffusion.mask_ratio'),
     ({'mesh.data': 0}, 'mesh.data'),
     ({'train.max_skipped_steps': -1}, 'train.max_skipped_steps'),
+    ({'train.learning_rate': 1e39}, 'train.learning_rate=1e+39 is invalid: expected a finite number > 0 and <= 10'),
+    ({'train.weight_decay': float('nan')}, 'train.weight_decay=nan is invalid: expected a finite number >= 0'),
+    ({'train.grad_clip': float('inf')}, 'train.grad_clip=inf'),
+    ({'train.ema_decay': 1.0}, 'train.ema_decay=1.0'),
+    ({'sample.cfg_scale': float('inf')}, 'sample.cfg_scale=inf'),
 ])
 def test_bad_config_value_names_the_key(changes, needle):
   from ecdit.config import experiment as config_lib
@@ -193,6 +198,8 @@ def test_error_classes_keep_their_bases_and_exit_status():
     assert issubclass(cls, ValueError) and issubclass(cls, errors.UsageError) and cls('x').exit_code == 2
   for cls in (CheckpointError, NonFiniteStateError, NonFiniteLossError):
     assert issubclass(cls, RuntimeError) and issubclass(cls, errors.RunError) and cls('x').exit_code == 1
+  from ecdit.data.reader import DataError   # a damaged dataset or tokenizer; a ValueError, as it was
+  assert issubclass(DataError, ValueError) and issubclass(DataError, errors.RunError) and DataError('x').exit_code == 1
 
 
 def test_library_defines_no_flags_and_never_imports_commands():
@@ -246,6 +253,9 @@ def test_number_and_prompt_flag_checks():
 
 @pytest.mark.parametrize('args,line', [
     (['params', '--size=XL', '--experts=-3'], '--experts=-3 is invalid: expected an integer >= 1'),
+    (['bench', 'profile', '--batch=0'], '--batch=0 is invalid: expected an integer >= 1'),
+    (['bench', 'data', '--batch=0'], '--batch is not a flag of the data benchmark (its own flags follow `--`, '
+                                     'e.g. `ecdit bench data -- --batch_size=64`)'),
     # checked before the workdir (which does not exist) is read
     (['sample', '--workdir=/nonexistent/run', '--prompts='],
      "--prompts='' holds no prompt: expected a ';'-separated list"),
@@ -253,3 +263,38 @@ def test_number_and_prompt_flag_checks():
 def test_nonsense_flags_are_one_line_before_any_work(args, line):
   r = ecdit(*args)
   assert r.returncode == 2 and error_lines(r.stderr) == [f'ecdit: error: {line}'], r.stderr
+
+
+def test_bench_data_arguments_are_checked():
+  from ecdit import errors
+  from ecdit.bench import data
+  for argv, line in [(['--batch_size=0'], '--batch_size=0 is invalid: expected an integer >= 1'),
+                     (['--num_examples=-5'], '--num_examples=-5 is invalid: expected an integer >= 1'),
+                     (['--batch=3'], 'ecdit bench data: unrecognized arguments: --batch=3')]:
+    with pytest.raises(errors.UsageError) as e:
+      data.run(argv)
+    assert str(e.value) == line
+
+
+# ---- experiment files from any directory ---------------------------------------------------------------------
+
+def test_relative_experiment_paths_resolve_in_the_checkout(tmp_path, monkeypatch):
+  from ecdit.config import experiment as config_lib
+  monkeypatch.chdir(tmp_path)
+  assert config_lib.experiment_path('experiments/paper.py:xl_32e') == f'{REPO}/experiments/paper.py:xl_32e'
+  assert config_lib.experiment_module('experiments/shapes_tiny.py').get_config().name == 'shapes_tiny'
+  (tmp_path / 'experiments').mkdir()
+  (tmp_path / 'experiments' / 'paper.py').write_text('')
+  assert config_lib.experiment_path('experiments/paper.py:a') == 'experiments/paper.py:a'   # the cwd's first
+  for kept in ('experiments/nope.py', '/abs/experiments/shapes_tiny.py', ''):
+    assert config_lib.experiment_path(kept) == kept
+
+
+def test_default_and_missing_configs_from_another_directory(tmp_path):
+  from cli_util import run_cli
+  r = run_cli('plan', '--help', cwd=tmp_path, timeout=120)
+  assert r.returncode == 0 and f"(default: '{REPO}/experiments/shapes_tiny.py')" in r.stdout, r.stdout
+  r = run_cli('params', '--config=experiments/nope.py:x', cwd=tmp_path, timeout=120)
+  assert r.returncode == 2 and error_lines(r.stderr) == [
+      f'ecdit: error: --config=experiments/nope.py:x: no experiment file at experiments/nope.py (looked in '
+      f'{tmp_path} and {REPO})'], r.stderr

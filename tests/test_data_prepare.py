@@ -1,6 +1,7 @@
 """The shapes tfds builder and `prepare`: round trip through builder_from_directory, idempotence, errors."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -9,7 +10,9 @@ import pytest
 import tensorflow_datasets as tfds
 
 from ecdit.config import data as config_lib
+from ecdit.data import pipeline
 from ecdit.data import prepare as prepare_lib
+from ecdit.data import reader
 from ecdit.data import shapes as S
 
 
@@ -91,6 +94,60 @@ def test_wrong_feature_shape_in_existing_dataset(prepared, tmp_path):
   os.symlink(path, target)
   with pytest.raises(ValueError, match=r'shape \(32, 32, 3\).*image_size=64'):
     prepare_lib.prepare(cfg64, verbose=False)
+
+
+def _copy_of(prepared, root):
+  """The prepared dataset copied under another data dir: (its config, its folder), to damage."""
+  cfg = tiny_cfg(root)
+  dst = prepare_lib.dataset_dir(cfg)
+  shutil.copytree(prepared[1], dst)
+  return cfg, dst
+
+
+def _cut(f, n):
+  f.write_bytes(f.read_bytes()[:n])
+
+
+@pytest.mark.parametrize('damage,match', [
+    (lambda d: _cut(d / 'shapes-train.array_record-00000-of-00001', 5000),
+     r"1\.0\.0: the prepared dataset is damaged: a shard file of split 'train' cannot be read \(ArrayRecord file"),
+    (lambda d: (d / 'shapes-validation.array_record-00000-of-00001').unlink(),
+     r"damaged: a shard file of split 'validation' cannot be read \(open\(\) failed: No such file"),
+    (lambda d: (d / 'dataset_info.json').write_bytes(b'\xcf\x80\xff{'), r'/dataset_info\.json is not valid JSON'),
+    (lambda d: _cut(d / 'features.json', 100), r'/features\.json is not valid JSON \(Unterminated string'),
+    (lambda d: (d / 'dataset_info.json').write_text('[1, 2]'), r'1\.0\.0 is not a readable tfds dataset'),
+    (lambda d: _cut(d / 'tokenizer_bpe128.model', 1000),
+     r'/tokenizer_bpe128\.model is not a sentencepiece model \(1000 bytes: .*delete it and run `ecdit prepare'),
+], ids=['truncated_records', 'missing_records', 'garbage_info', 'truncated_features', 'wrong_info',
+        'truncated_tokenizer'])
+def test_damaged_dataset_is_one_data_error_naming_the_file(prepared, tmp_path, damage, match):
+  from cli_util import snapshot
+  cfg, copy = _copy_of(prepared, tmp_path)
+  damage(copy)
+  before = snapshot(tmp_path)
+  with pytest.raises(reader.DataError, match=match) as e:
+    prepare_lib.prepare(cfg, verbose=False)
+  assert '\n' not in str(e.value) and e.value.exit_code == 1
+  if 'tokenizer' not in match:
+    assert str(e.value).endswith(f'delete {"that folder" if "shard" in match else copy} and run `ecdit prepare` '
+                                 'with the same config to rebuild it')
+  assert snapshot(tmp_path) == before   # the error path changed, moved and deleted nothing
+
+
+def test_records_damaged_mid_file_fail_while_iterating(prepared, tmp_path):
+  """The first record of every shard reads (the check at opening passes); a chunk further in is overwritten:
+  the pipeline's prefetch thread meets it and the consumer gets the DataError naming the record."""
+  cfg, copy = _copy_of(prepared, tmp_path)
+  f = copy / 'shapes-train.array_record-00000-of-00001'
+  data = bytearray(f.read_bytes())
+  data[20000:20064] = bytes(b ^ 0xFF for b in data[20000:20064])
+  f.write_bytes(bytes(data))
+  tok = prepare_lib.load_or_train_tokenizer(cfg)
+  it = pipeline.make_train_iterator(cfg, global_batch_size=8, sharding=None, tokenizer=tok, seed=0, num_epochs=1)
+  with pytest.raises(reader.DataError, match=r"damaged: record \d+ of split 'train' cannot be read \(Corrupted "
+                                              r'Riegeli/records file: chunk data hash mismatch'):
+    for _ in it:
+      pass
 
 
 def test_config_validation_names_the_key(tmp_path):

@@ -6,6 +6,7 @@ import pytest
 
 from ecdit.config import data as config_lib
 from ecdit.data import prepare as prepare_lib
+from ecdit.data import reader
 from ecdit.data import shapes as S
 from ecdit.data import tokenizer as T
 
@@ -51,7 +52,8 @@ def test_errors(model_path, tmp_path):
   with pytest.raises(ValueError, match=r'has 96 pieces but data.vocab_size=128'):
     T.load_tokenizer(model_path, 128, 8)
   (tmp_path / 'junk.model').write_bytes(b'not a model')
-  with pytest.raises(ValueError, match='not a sentencepiece model'):
+  with pytest.raises(reader.DataError, match=r'junk\.model is not a sentencepiece model \(11 bytes: .*\); point '
+                                             'data.tokenizer_path at a sentencepiece .model file$'):
     T.load_tokenizer(tmp_path / 'junk.model', 96, 8)
   with pytest.raises(ValueError, match=r'data.vocab_size=5000 is too large .* at most \d+'):
     T.train_sentencepiece(CAPTIONS, 5000, tmp_path / 'big.model')

@@ -3,6 +3,7 @@ too) are recognised, outputs are checked before any work."""
 import json
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -49,6 +50,32 @@ def test_train_refuses_a_foreign_dir_and_another_model_before_writing(tmp_path):
   outputs.check_train_workdir(tmp_path / 'new', resolved['resolved_model'])   # not there yet: fine
   with pytest.raises(outputs.WorkdirError, match='inside the ecdit run'):
     outputs.check_train_workdir(same / 'nested', resolved['resolved_model'])
+
+
+def test_train_refuses_a_resume_past_num_steps_and_damaged_data_before_writing(tmp_path):
+  from ecdit.config import experiment as config_lib
+  from ecdit.data import reader
+  from ecdit.train import loop
+  cfg = tiny_config(num_steps=4)
+  run = tmp_path / 'run'
+  loop.write_run_config(run, loop.resolved_config(cfg, config_lib.validate(cfg)))
+  (run / 'checkpoints' / '4').mkdir(parents=True)
+  (run / 'checkpoints' / '6.orbax-checkpoint-tmp-1').mkdir()   # an unfinished save is no step
+  before = snapshot(tmp_path)
+  cfg.train.num_steps = 2
+  with pytest.raises(config_lib.ConfigError, match=r'^train.num_steps=2 is below the latest checkpoint step 4 in '
+                                                   r'.*/run/checkpoints; resume with --config.train.num_steps=4 or '
+                                                   r'more, or use a new workdir$'):
+    loop.train(cfg, run, progress=False)
+  assert snapshot(tmp_path) == before   # config.json still says 4 steps
+
+  def damaged(cfg, mesh):
+    raise reader.DataError('the dataset is damaged')
+  cfg.train.num_steps = 4
+  for workdir in (run, tmp_path / 'new'):   # the data is opened before the run's files are written
+    with pytest.raises(reader.DataError):
+      loop.train(cfg, workdir, progress=False, data_fn=damaged, devices=jax.devices()[:1])
+  assert snapshot(tmp_path) == before
 
 
 def test_run_marker_written_first_makes_a_run(tmp_path):

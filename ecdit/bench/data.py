@@ -16,6 +16,7 @@ import time
 
 import jax
 
+from ecdit import errors
 from ecdit.config import data as config_lib
 from ecdit.data import pipeline, prepare, shapes_builder
 
@@ -26,14 +27,26 @@ def _rate(fn, count: int) -> float:
   return count / (time.perf_counter() - start)
 
 
+class _Parser(argparse.ArgumentParser):
+  """argparse whose errors are one UsageError line (exit 2 at the `ecdit` boundary), not a usage dump."""
+
+  def error(self, message):
+    raise errors.UsageError(f'{self.prog}: {message}')
+
+
+_LEAST = {'num_examples': 1, 'batch_size': 1, 'num_batches': 1, 'image_size': 8}
+
+
 def run(argv=None) -> dict:
-  parser = argparse.ArgumentParser(prog='ecdit bench data')
+  parser = _Parser(prog='ecdit bench data', allow_abbrev=False)   # --batch is not --batch_size
   parser.add_argument('--num_examples', type=int, default=5000)
   parser.add_argument('--batch_size', type=int, default=256)
   parser.add_argument('--num_batches', type=int, default=40)
   parser.add_argument('--image_size', type=int, default=32)
   args = parser.parse_args(argv)
-
+  for name, least in _LEAST.items():
+    if getattr(args, name) < least:
+      raise errors.UsageError(f'--{name}={getattr(args, name)} is invalid: expected an integer >= {least}')
 
   results = {'device_count': jax.device_count(), 'image_size': args.image_size}
   n = args.num_examples

@@ -36,9 +36,12 @@ _GROUPS = flags.DEFINE_list('group_sizes', ['256', '1024', '4096'],
 
 def _ints(holder) -> list[int]:
   try:
-    return [int(v) for v in holder.value]
+    values = [int(v) for v in holder.value]
   except ValueError:
-    raise errors.UsageError(f'--{holder.name}={",".join(holder.value)} is invalid: expected integers') from None
+    values = []
+  if not values or min(values) < 1:
+    raise errors.UsageError(f'--{holder.name}={",".join(holder.value)} is invalid: expected positive integers')
+  return values
 
 
 def _routing():
@@ -123,10 +126,23 @@ def usage(args) -> str:
                        cflags.holders(sys.modules[__name__]))
 
 
+def _check_flags(name: str, b: Benchmark) -> None:
+  """Only the benchmark's own flags may be given (another's would be ignored), and their numbers are sane."""
+  own = {h.name for h in b.flags}
+  for h in cflags.holders(sys.modules[__name__]):
+    if flags.FLAGS[h.name].present and h.name not in own:
+      where = ('its own flags follow `--`, e.g. `ecdit bench data -- --batch_size=64`' if b.takes_args else
+               f'its flags are {", ".join("--" + n for n in sorted(own)) or "none"}')
+      raise errors.UsageError(f'--{h.name} is not a flag of the {name} benchmark ({where})')
+  for holder, minimum in ((_BATCH, 1), (_REPS, 1), (_TOKENS, 1), (_WARMUP, 0)):
+    cflags.at_least(holder, minimum)
+
+
 def main(argv):
   if len(argv) < 2 or argv[1] not in BENCHMARKS:
     raise errors.UsageError(f'expected one benchmark name, one of {sorted(BENCHMARKS)}; got {argv[1:]}')
   b, extra = BENCHMARKS[argv[1]], argv[2:]
+  _check_flags(argv[1], b)
   if b.takes_args:
     b.run(extra)
     return

@@ -7,6 +7,7 @@ line, exit 2 at the `ecdit.cli` boundary) instead of absl's multi-line usage dum
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import sys
 import textwrap
@@ -17,6 +18,7 @@ from absl import logging
 from ml_collections import config_dict, config_flags
 
 from ecdit import errors
+from ecdit.config import experiment as experiment_lib
 
 FLAGS = flags.FLAGS
 
@@ -72,6 +74,8 @@ def _unknown_key_message(e: BaseException, argv) -> str:
 
 def define_config(default: str | None, help_: str, *, lock_config: bool = True) -> flags.FlagHolder:
   """`--config=<file>[:variant]` plus `--config.<key>=<value>` overrides; every failure is one line."""
+  if default is not None:   # a relative default names the checkout's file from any directory
+    default = experiment_lib.experiment_path(default)
   try:
     holder = config_flags.DEFINE_config_file(
         'config', default=default, lock_config=lock_config,
@@ -82,8 +86,13 @@ def define_config(default: str | None, help_: str, *, lock_config: bool = True) 
   original = flag.parse
 
   def parse(argument):
+    path = experiment_lib.experiment_path(argument).partition(':')[0]
+    if not os.path.isfile(path):
+      places = dict.fromkeys([os.getcwd(), str(experiment_lib.REPO_ROOT)])
+      where = '' if os.path.isabs(path) else f' (looked in {" and ".join(places)})'
+      raise flags.Error(f'--config={argument}: no experiment file at {path}{where}')
     try:
-      return original(argument)
+      return original(experiment_lib.experiment_path(argument))
     except flags.Error as e:
       raise flags.Error(condense(str(e))) from None
     except (KeyError, AttributeError) as e:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import math
 import numbers
 import pathlib
 from typing import Any
@@ -28,6 +29,7 @@ SCHEDULES = ('constant', 'cosine')
 NAN_POLICIES = ('skip', 'stop')
 T_SAMPLINGS = ('logit_normal', 'uniform')
 SAMPLERS = ('euler', 'heun')
+MAX_LEARNING_RATE = 10.0
 REMAT_POLICIES = ('none', 'full', 'dots', 'save_moe')   # train.remat; ecdit.models.stack says what each keeps
 MOMENT_DTYPES = ('float32', 'bfloat16')   # train.moment_dtype; ecdit.train.optim.moment_dtype says what each does
 _TYPES = {'int': int, 'float': float, 'str': str, 'bool': bool}
@@ -102,10 +104,26 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+# The source checkout this package runs from (an editable install): its experiments/ folder, if there is one.
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def experiment_path(spec: str) -> str:
+  """`--config`'s value (`path[:variant]`) with a relative path that does not exist here but does in the
+  checkout ecdit runs from (`experiments/shapes_tiny.py` from another directory) made absolute; anything
+  else unchanged (the caller reports a missing file, naming the path as given)."""
+  path, sep, variant = str(spec).partition(':')
+  candidate = REPO_ROOT / path
+  if path and not pathlib.Path(path).is_absolute() and not pathlib.Path(path).exists() and candidate.is_file():
+    return f'{candidate}{sep}{variant}'
+  return spec
+
+
 def experiment_module(path):
   """The module of an experiment file (what `--config=path` reads), loaded by path: experiment files are
-  not a package, so one that builds on another (shapes_small on shapes_tiny) loads it with this."""
-  path = pathlib.Path(path)
+  not a package, so one that builds on another (shapes_small on shapes_tiny) loads it with this. A relative
+  path is looked up in the current directory, then in ecdit's checkout (`experiment_path`)."""
+  path = pathlib.Path(experiment_path(str(path)))
   spec = importlib.util.spec_from_file_location(f'ecdit_experiment_{path.stem}', path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -195,13 +213,13 @@ def validate(cfg) -> ModelConfig:
     v = cfg
     for part in key.split('.'):
       v = v[part]
-    bad = not isinstance(v, numbers.Real) or isinstance(v, bool)
+    bad = not isinstance(v, numbers.Real) or isinstance(v, bool) or not math.isfinite(v)   # nan / inf: never
     bad = bad or (lo is not None and (v <= lo if lo_open else v < lo))
     bad = bad or (hi is not None and (v >= hi if hi_open else v > hi))
     if bad:
       lo_s = '' if lo is None else f"{'>' if lo_open else '>='} {lo}"
       hi_s = '' if hi is None else f"{'<' if hi_open else '<='} {hi}"
-      _fail(key, v, 'a number ' + ' and '.join(x for x in (lo_s, hi_s) if x))
+      _fail(key, v, 'a finite number ' + ' and '.join(x for x in (lo_s, hi_s) if x))
     return v
 
   def choice(key, allowed):
@@ -223,7 +241,8 @@ def validate(cfg) -> ModelConfig:
   choice('train.nan_policy', NAN_POLICIES)
   choice('train.remat', REMAT_POLICIES)
   choice('train.moment_dtype', MOMENT_DTYPES)
-  number('train.learning_rate', lo=0, lo_open=True)
+  # An AdamW / RMSProp step moves each parameter by about the learning rate: above 10 it is a typo, not a run.
+  number('train.learning_rate', lo=0, hi=MAX_LEARNING_RATE, lo_open=True)
   number('train.end_lr_factor', lo=0, hi=1)
   number('train.weight_decay', lo=0)
   for k in ('b1', 'b2', 'rms_decay', 'momentum', 'ema_decay'):

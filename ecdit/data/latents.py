@@ -184,7 +184,7 @@ def precompute(src_dir, *, vae=None, text_encoder=None, batch_size: int = 16, sa
   splits = list(builder.info.splits.keys())
   chunks = {}
   for split in splits:
-    source = builder.as_data_source(split=split)
+    source = reader.Source(builder.as_data_source(split=split), src, split)   # a damaged file: DataError
     chunks[split] = _encode_split(source, split, partial / split, batch_size, vae, text_encoder, sample,
                                   seed, progress)
 

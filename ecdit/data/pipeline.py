@@ -204,6 +204,8 @@ def make_train_iterator(data_cfg, *, global_batch_size: int, sharding, tokenizer
   identity = {'split': split, 'seed': seed, 'global_batch_size': global_batch_size,
               'num_examples': num_examples, 'caption_dropout': float(data_cfg.caption_dropout),
               'text_length': text_length}
+  if len(ds):
+    ds[0]   # one batch read and collated here, not first in a worker thread after the compile: fails early
   return TrainIterator(ds, sharding=sharding, global_batch_size=global_batch_size,
                        worker_count=data_cfg.worker_count, identity=identity,
                        num_batches=None if num_epochs is None else len(ds))

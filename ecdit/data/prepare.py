@@ -74,6 +74,13 @@ def describe(path: pathlib.Path) -> str:
   return f'{path}: {counts} examples, {_size_bytes(path) / 2**20:.1f} MiB'
 
 
+def check_dataset(path: pathlib.Path, image_size: int | None = None) -> None:
+  """An existing dataset opens, has the image shape asked for and gives a record from every shard of every
+  split; else one error (reader.DataError for damaged files) naming the file and the fix."""
+  for split in reader.open_builder(path, image_size).info.splits:
+    reader.data_source(path, split)
+
+
 def _build(data_cfg, final: pathlib.Path, verbose: bool) -> None:
   import tensorflow_datasets as tfds   # pylint: disable=import-outside-toplevel
   root = pathlib.Path(data_cfg.dir).expanduser()
@@ -118,14 +125,16 @@ def prepare(data_cfg, *, verbose: bool = True) -> pathlib.Path:
   """Makes sure the dataset and its tokenizer exist; returns the dataset directory. Idempotent."""
   final = imported_dataset_dir(data_cfg)
   if (final / 'dataset_info.json').is_file():
-    reader.open_builder(final, data_cfg.image_size)   # wrong feature shape → clear error
+    check_dataset(final, data_cfg.image_size)   # wrong feature shape, damaged files → one clear error
   else:
     _build(data_cfg, final, verbose)
   settings = _precompute_settings(data_cfg)
   if settings is not None:
     final = _precompute(data_cfg, final, settings, verbose)
   if not config_lib.option(data_cfg, 'tokenizer_path') and not config_lib.option(data_cfg, 'text_encoder_dir'):
-    tokenizer.ensure_tokenizer(final, data_cfg)   # a pretrained text encoder brings its own tokenizer
+    # A pretrained text encoder brings its own tokenizer; ours is trained once, and loaded to check it.
+    path = tokenizer.ensure_tokenizer(final, data_cfg)
+    tokenizer.load_tokenizer(path, data_cfg.vocab_size, data_cfg.text_length, tokenizer.DATASET_FIX)
   if verbose:
     print(describe(final))
   return final
@@ -140,13 +149,14 @@ def load_or_train_tokenizer(data_cfg) -> tokenizer.Tokenizer:
     return tokenizer.load_tokenizer(explicit, data_cfg.vocab_size, data_cfg.text_length)
   dataset_dir = prepare(data_cfg, verbose=False)
   path = tokenizer.ensure_tokenizer(dataset_dir, data_cfg)
-  return tokenizer.load_tokenizer(path, data_cfg.vocab_size, data_cfg.text_length)
+  return tokenizer.load_tokenizer(path, data_cfg.vocab_size, data_cfg.text_length, tokenizer.DATASET_FIX)
 
 
 def _precompute(data_cfg, imported: pathlib.Path, settings: dict, verbose: bool) -> pathlib.Path:
   """Encodes the imported dataset's images (VAE) and/or captions (text encoder) into its encoded copy."""
   expected = dataset_dir(data_cfg)
   if (expected / 'dataset_info.json').is_file():
+    check_dataset(expected)
     return expected   # done before: do not even load the weights
   vae = text_encoder = None
   if settings['vae_dir']:

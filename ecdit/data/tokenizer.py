@@ -21,29 +21,35 @@ import sentencepiece as spm
 from ecdit.data import reader
 
 PAD_ID, UNK_ID, EOS_ID = 0, 1, 2
+EXPLICIT_FIX = 'point data.tokenizer_path at a sentencepiece .model file'
+DATASET_FIX = ('it is the tokenizer trained beside the dataset: delete it and run `ecdit prepare` with the same '
+               'config to train it again')
 
 
 class Tokenizer:
   """Fixed-length encoder/decoder around a sentencepiece model."""
 
-  def __init__(self, model_path: str | pathlib.Path, length: int):
+  def __init__(self, model_path: str | pathlib.Path, length: int, fix: str = EXPLICIT_FIX):
+    """`fix`: what the error of an unreadable file tells the user to do (the default: a file they chose)."""
     self.model_path = pathlib.Path(model_path)
     if not self.model_path.is_file():
       raise FileNotFoundError(f'tokenizer model {self.model_path} does not exist; train one with '
                               '`ecdit prepare --config=...` or fix data.tokenizer_path')
     self._proto = self.model_path.read_bytes()
     self.length = int(length)
-    self._sp = self._load(self._proto)
+    self._sp = self._load(self._proto, fix)
 
-  def _load(self, proto: bytes) -> spm.SentencePieceProcessor:
+  def _load(self, proto: bytes, fix: str = EXPLICIT_FIX) -> spm.SentencePieceProcessor:
     sp = spm.SentencePieceProcessor()
     try:
       sp.LoadFromSerializedProto(proto)
     except (RuntimeError, OSError) as e:
-      raise ValueError(f'{self.model_path} is not a sentencepiece model ({e})') from None
+      reason = ' '.join(str(e).split())[:200] or type(e).__name__
+      raise reader.DataError(f'{self.model_path} is not a sentencepiece model ({len(proto)} bytes: {reason}); '
+                             f'{fix}') from e
     if sp.pad_id() != PAD_ID or sp.eos_id() < 0:
-      raise ValueError(f'{self.model_path}: ecdit needs a sentencepiece model with padding id {PAD_ID} and an '
-                       f'end id; this one has padding id {sp.pad_id()} and end id {sp.eos_id()}')
+      raise reader.DataError(f'{self.model_path}: ecdit needs a sentencepiece model with padding id {PAD_ID} '
+                             f'and an end id; this one has padding id {sp.pad_id()} and end id {sp.eos_id()}')
     self.eos_id = sp.eos_id()
     return sp
 
@@ -122,9 +128,9 @@ def tokenizer_file(dataset_dir: str | pathlib.Path, vocab_size: int) -> pathlib.
   return pathlib.Path(dataset_dir) / f'tokenizer_bpe{int(vocab_size)}.model'
 
 
-def load_tokenizer(path: str | pathlib.Path, vocab_size: int, length: int) -> Tokenizer:
-  """Loads a model file, checking it has `vocab_size` pieces."""
-  tok = Tokenizer(path, length)
+def load_tokenizer(path: str | pathlib.Path, vocab_size: int, length: int, fix: str = EXPLICIT_FIX) -> Tokenizer:
+  """Loads a model file, checking it has `vocab_size` pieces; `fix` as for `Tokenizer`."""
+  tok = Tokenizer(path, length, fix)
   if tok.vocab_size != vocab_size:
     raise ValueError(f'tokenizer {tok.model_path} has {tok.vocab_size} pieces but data.vocab_size={vocab_size}; '
                      f'set data.vocab_size={tok.vocab_size} or use another tokenizer file')

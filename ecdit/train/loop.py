@@ -164,6 +164,17 @@ def check_layout_matches_run(workdir: Path, mcfg, train_cfg=None) -> None:
         f'with train.moment_dtype={was!r}); resume with --config.train.moment_dtype={was}, or use a new workdir')
 
 
+def check_resume_within_num_steps(workdir: Path, num_steps: int) -> None:
+  """A run resumes from its latest checkpoint; one already past train.num_steps would train nothing and leave
+  config.json saying fewer steps than the checkpoints hold: refused before anything is read or written."""
+  directory = workdir / 'checkpoints'
+  steps = [int(p.name) for p in directory.glob('[0-9]*') if p.name.isdigit() and p.is_dir()]
+  if steps and max(steps) > num_steps:
+    raise config_lib.ConfigError(
+        f'train.num_steps={num_steps} is below the latest checkpoint step {max(steps)} in {directory}; resume '
+        f'with --config.train.num_steps={max(steps)} or more, or use a new workdir')
+
+
 def train(cfg, workdir: str | Path, *, progress: bool = True, data_fn=None, devices=None) -> dict:
   """Trains `cfg` in `workdir`, resuming from its latest readable checkpoint. Returns a summary dict.
 
@@ -178,6 +189,7 @@ def train(cfg, workdir: str | Path, *, progress: bool = True, data_fn=None, devi
   # Nothing is written before the workdir is known to be new, empty or a run of this very model.
   check_layout_matches_run(workdir, mcfg, cfg.train)
   outputs.check_train_workdir(workdir, resolved['resolved_model'])
+  check_resume_within_num_steps(workdir, cfg.train.num_steps)
   outputs.check_data_dir(cfg.data.dir)
   try:
     setup = build(cfg, mcfg, devices, strict=True)
@@ -185,14 +197,17 @@ def train(cfg, workdir: str | Path, *, progress: bool = True, data_fn=None, devi
     raise config_lib.ConfigError(str(e).splitlines()[0]) from None
   t = cfg.train
   main_process = jax.process_index() == 0
-  workdir.mkdir(parents=True, exist_ok=True)   # every process saves its checkpoint shards here
   if main_process:
-    write_run_config(workdir, resolved)
     print(startup_line(setup, workdir), flush=True)
+  # The dataset, tokenizer and frozen models are opened (and a first batch read) before anything is written
+  # into the workdir: a damaged one (reader.DataError, ...) stops here in one line, the workdir as it was.
   tokenizer, data_iter = (data_fn or _data)(cfg, setup.mesh)
   prompts_tok = frozen.prompt_tokenizer(cfg.data, fallback=tokenizer)   # a pretrained encoder's states, if any
   decode = frozen.decoder(cfg.data)   # latents -> pixels for previews (data.vae_dir)
   encode_text = frozen.text_step(cfg.data, setup.mesh)   # data.precompute_text=False: encoder in the loop
+  workdir.mkdir(parents=True, exist_ok=True)   # every process saves its checkpoint shards here
+  if main_process:
+    write_run_config(workdir, resolved)
   ckpt = ckpt_lib.Checkpointer(workdir, keep=t.keep_checkpoints, use_async=t.async_checkpoints)
 
   def check_data(data_state, step):   # a bad data-iterator state makes its checkpoint unreadable (fallback)
