@@ -3,14 +3,16 @@
 A training run's workdir holds `ecdit_run.json` (written before anything else; older runs are recognised by a
 config.json with a `resolved_model` section). Training refuses a non-empty directory that is not a run; every
 other output (`--out`, `--json`) is checked before the work starts: not inside a run's workdir (bar the run's
-own output folder, e.g. samples/), not over a file or folder ecdit did not write, and writable. Nothing here
-creates, moves or deletes anything.
+own output folder, e.g. samples/), not over a file or folder ecdit did not write, and writable — tried by
+creating and removing an empty probe file in the directory the command would write into (`can_create_in`);
+nothing else here creates, moves or deletes anything.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -89,7 +91,7 @@ def check_train_workdir(workdir: Path, resolved_model: dict) -> None:
     return
   if not workdir.is_dir():
     raise WorkdirError(f'--workdir={workdir} exists and is not a directory')
-  if not os.access(workdir, os.W_OK | os.X_OK):
+  if not can_create_in(workdir):
     raise WorkdirError(f'--workdir={workdir} is not writable')
   if not is_run(workdir):
     if any(workdir.iterdir()):
@@ -149,11 +151,28 @@ def folder_with(name: str, ours: Callable[[Path], bool]) -> Callable[[Path], boo
   return lambda path: ours(path / name)
 
 
+def can_create_in(directory: Path) -> bool:
+  """Whether a file can be created in `directory`, found by creating one (a hidden, uniquely named empty file,
+  removed at once): permission bits and os.access do not tell (root, read-only or pseudo file systems such
+  as /sys, quotas)."""
+  try:
+    fd, probe = tempfile.mkstemp(prefix='.ecdit-write-probe-', dir=directory)
+  except OSError:
+    return False
+  os.close(fd)
+  try:
+    os.unlink(probe)
+  except OSError:
+    pass
+  return True
+
+
 def _writable_from(path: Path) -> Path | None:
-  """The nearest existing ancestor of a path not yet there, if it is a directory we may create entries in."""
+  """The nearest existing ancestor of a path not yet there, if it is a directory we can create entries in (the
+  directory the command would create the path in anyway)."""
   for p in path.parents:
     if p.exists():
-      return p if p.is_dir() and os.access(p, os.W_OK | os.X_OK) else None
+      return p if p.is_dir() and can_create_in(p) else None
   return None
 
 
@@ -178,7 +197,8 @@ def check_output(path, flag: str, *, folder: bool = False, ours: Callable[[Path]
     if non_empty and not in_own_folder and (ours is None or not ours(path)):
       raise OutputError(f'{shown} exists and was not written by this command; choose a new path '
                         '(nothing was changed)')
-    if not os.access(path, os.W_OK | (os.X_OK if folder else 0)):
+    # Created in: the folder the command fills, or the file's own directory (written or replaced there).
+    if not os.access(path, os.W_OK) or not can_create_in(path if folder else path.absolute().parent):
       raise OutputError(f'{shown} is not writable')
   elif _writable_from(path) is None:
     raise OutputError(f'{shown} cannot be created: no writable directory above it')

@@ -1,6 +1,7 @@
 """The workdir and output guard (ecdit/outputs.py): refusals leave every file byte-identical, runs (old-style
 too) are recognised, outputs are checked before any work."""
 import json
+import os
 from pathlib import Path
 
 import jax
@@ -160,3 +161,31 @@ def test_train_workdir_and_data_dir_must_be_creatable(tmp_path):
     outputs.check_data_dir(tmp_path / 'afile' / 'd')
   outputs.check_data_dir(tmp_path / 'new' / 'data')      # creatable: fine
   outputs.check_data_dir('gs://bucket/data')              # a URL is the dataset code's to check
+
+
+def test_writability_is_tried_not_assumed(tmp_path, monkeypatch):
+  """os.access says yes to root everywhere, /sys included, so `--out=/sys/x` used to pass the guard and fail after
+  the work. The guard creates (and removes at once) a probe file in the directory the command would write into.
+  As root /sys is such a directory; otherwise a folder without write permission is."""
+  if os.geteuid() == 0 and Path('/sys').is_dir():
+    locked = Path('/sys')
+  else:
+    locked = tmp_path / 'locked'
+    locked.mkdir()
+    locked.chmod(0o555)
+  monkeypatch.setattr(os, 'access', lambda *args, **kwargs: True)   # what root is told
+  with pytest.raises(outputs.OutputError, match=rf'^--out={locked}/grid.png cannot be created: no writable'):
+    outputs.check_output(locked / 'grid.png', '--out')
+  with pytest.raises(outputs.OutputError, match=rf'^--out={locked}/new/export cannot be created'):
+    outputs.check_output(locked / 'new' / 'export', '--out', folder=True)
+  with pytest.raises(outputs.WorkdirError, match=rf'^--workdir={locked}/wd cannot be created'):
+    outputs.check_train_workdir(locked / 'wd', {})
+  with pytest.raises(outputs.OutputError, match=rf'^--config.data.dir={locked}/data cannot be created'):
+    outputs.check_data_dir(locked / 'data')
+  # Writable places pass, and the probe leaves nothing behind.
+  (tmp_path / 'out').mkdir()
+  before = snapshot(tmp_path)
+  outputs.check_output(tmp_path / 'out', '--out', folder=True)
+  outputs.check_output(tmp_path / 'new' / 'grid.png', '--out')
+  outputs.check_train_workdir(tmp_path / 'out', {})
+  assert snapshot(tmp_path) == before

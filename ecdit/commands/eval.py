@@ -59,6 +59,7 @@ def _check_outputs(out: Path) -> Path:
 
 
 def main(argv):
+  cflags.quiet_logging()
   cflags.no_arguments(argv)
   for f in (_N, _NUM_PROMPTS, _BATCH, _STEPS):
     cflags.at_least(f, 1)

@@ -54,6 +54,7 @@ def _null_caption(run):
 
 
 def main(argv):
+  cflags.quiet_logging()
   cflags.no_arguments(argv)
   cflags.require(_WORKDIR)
   cflags.require(_OUT)

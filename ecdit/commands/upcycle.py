@@ -32,6 +32,7 @@ _EMA = flags.DEFINE_bool('ema', True, 'upcycle the dense run\'s EMA weights (els
 
 
 def main(argv):
+  cflags.quiet_logging()
   cflags.no_arguments(argv)
   if not _WORKDIR.value or not _OUT.value:
     raise errors.UsageError('--workdir and --out are required')

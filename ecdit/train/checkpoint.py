@@ -4,13 +4,19 @@ Layout: `<workdir>/checkpoints/<step>/{state,data,config,meta}`. In a multi-proc
 and restore (each writes its own shards; every leaf of the state is a global jax.Array). Saves are asynchronous (Orbax writes into a
 temporary directory and renames it when complete, so a killed save leaves no step directory behind).
 Restoring builds the target from the *current* config's abstract state (shapes, dtypes, shardings), so a
-checkpoint can be restored onto another mesh. A latest checkpoint that cannot be read is reported and the
-newest readable one is used; unreadable ones are moved to `<workdir>/checkpoints_unreadable/` (never
-deleted) so the run can write that step again.
+checkpoint can be restored onto another mesh; a checkpoint whose leaves or shapes differ from that state
+(config.json edited) is refused from its metadata, naming the first leaf. A latest checkpoint that cannot be
+read is reported (one line: step, leaf, short reason, the step used instead) and the newest readable one is
+used; unreadable ones are moved to `<workdir>/checkpoints_unreadable/` (never deleted) so the run can write
+that step again.
 
-A save that fails in the background (a full disk) is found at the next `check()` — the loop calls it every
-step — or wait, and raised as one CheckpointError line naming the step, the reason and the last good
-checkpoint; Orbax's own logged tracebacks of it are cut to their message line.
+A save that fails in the background (a full disk) is found at the next `wait()` — the loop waits at the step
+after each save, while that step computes, so nothing later is logged or saved — or `check()` (a flag read;
+the loop's other steps), and raised as one CheckpointError line naming the step, the reason (the OS error's
+words when there is one: 'No space left on device') and the last good checkpoint; Orbax's own logged
+tracebacks of it are cut to their message line. Warnings go to stderr. A failed Orbax operation lets its other
+reads or writes end before its event loop closes (`_run_in_new_loop_and_drain`), so a damaged checkpoint is
+one line, not hundreds of asyncio tracebacks.
 
 Checksums (the `meta` item, JSON): Orbax verifies nothing per array, so every save records a 64-bit
 checksum of every leaf of the state, and every restore recomputes it from the arrays it read; a mismatch (a
@@ -29,9 +35,13 @@ skipped steps), restored as `Checkpointer.loop_state`. Data-iterator states are 
 """
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging as py_logging
+import os
+import re
 import shutil
+import sys
 import threading
 import time
 from pathlib import Path
@@ -41,6 +51,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from orbax.checkpoint._src import asyncio_utils as ocp_asyncio
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ecdit import errors
@@ -158,22 +169,22 @@ def summarize(state) -> tuple[bool, dict[str, str]]:
   return finite, {jax.tree_util.keystr(path): f'{int(a):08x}{int(b):08x}' for (path, _), (a, b) in zip(leaves, sums)}
 
 
-def _check_meta(step: int, meta, checksums: dict[str, str]) -> dict:
+def _check_meta(meta, checksums: dict[str, str]) -> dict:
   """The restored arrays' checksums against the saved ones; returns the loop counters. CheckpointError names
   the first leaf (in tree order) that differs."""
   if not isinstance(meta, dict) or meta.get('version') != META_VERSION or not isinstance(meta.get('checksums'), dict):
-    raise CheckpointError(f'checkpoint {step}: its meta item is not an ecdit meta record of version {META_VERSION}')
+    raise CheckpointError(f'its meta item is not an ecdit meta record of version {META_VERSION}')
   saved = meta['checksums']
   for name, value in checksums.items():
     if saved.get(name) != value:
-      raise CheckpointError(f'checkpoint {step}: checksum mismatch in {name} (saved {saved.get(name)}, read {value})')
+      raise CheckpointError(f'checksum mismatch in {name} (saved {saved.get(name)}, read {value})')
   extra = [name for name in saved if name not in checksums]
   if extra:
-    raise CheckpointError(f'checkpoint {step}: checksum of {extra[0]}, a leaf the restored state does not have')
+    raise CheckpointError(f'checksum of {extra[0]}, a leaf the restored state does not have')
   counters = meta.get('loop', {})
   if not isinstance(counters, dict) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
                                                for v in counters.values()):
-    raise CheckpointError(f'checkpoint {step}: loop counters {counters!r}: expected non-negative integers')
+    raise CheckpointError(f'loop counters {counters!r}: expected non-negative integers')
   return counters
 
 
@@ -183,6 +194,30 @@ class NonFiniteStateError(errors.RunError, RuntimeError):
 
 class CheckpointError(errors.RunError, RuntimeError):
   pass
+
+
+class CheckpointMismatchError(CheckpointError):
+  """A checkpoint's leaves or shapes are not those of the state the config builds (`name`: the first leaf that
+  differs, `saved` / `wanted`: its shapes there and here, None where it is absent), or no checkpoint fits it
+  (`step`, `reason`)."""
+
+  def __init__(self, message: str, *, name=None, saved=None, wanted=None, step=None, reason=None):
+    super().__init__(message)
+    self.name, self.saved, self.wanted, self.step, self.reason = name, saved, wanted, step, reason
+
+
+def _shapes(tree) -> dict[str, tuple]:
+  """{dotted leaf name ('params.block_0.mlp.kernel', as Orbax names the arrays): shape} of a state or of a
+  checkpoint's metadata tree."""
+  out = {}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    name = '.'.join(str(getattr(k, 'name', getattr(k, 'key', getattr(k, 'idx', k)))) for k in path)
+    out[name] = tuple(getattr(leaf, 'shape', np.shape(leaf)))
+  return out
+
+
+def _warn(line: str) -> None:
+  print(line, file=sys.stderr, flush=True)
 
 
 class _NoOrbaxTracebacks(py_logging.Filter):
@@ -199,12 +234,93 @@ class _NoOrbaxTracebacks(py_logging.Filter):
 _ORBAX_FILTER = _NoOrbaxTracebacks()
 py_logging.getLogger('absl').addFilter(_ORBAX_FILTER)
 
+_DRAIN_S = 120.0   # how long a failed Orbax operation's other reads or writes may take to end
 
-def _reason(e: BaseException) -> str:
-  """One line saying why: an OSError's own words ('No space left on device'), else the message's first line."""
-  if isinstance(e, OSError) and e.strerror:
-    return e.strerror
-  return (str(e).splitlines() or [type(e).__name__])[0][:300]
+
+def _run_in_new_loop_and_drain(coro):
+  """Orbax's `asyncio_utils._run_sync_via_new_loop`, which closes its event loop as soon as the coroutine
+  raises, though `asyncio.gather` leaves the coroutine's other tasks running: every TensorStore read still in
+  flight then completes onto the closed loop ('RuntimeError: Event loop is closed' from TensorStore's threads,
+  and 'Exception ignored in <coroutine ...>' when the abandoned tasks are collected) — hundreds of tracebacks
+  for one damaged checkpoint. Here the loop, on failure, first lets those tasks end (their own failures are
+  consumed: the first one is what is raised), then closes."""
+  loop = asyncio.new_event_loop()
+  try:
+    asyncio.set_event_loop(loop)
+    try:
+      return loop.run_until_complete(coro)
+    except Exception:   # not on Ctrl-C: that stops at once, as before
+      pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
+      if pending:
+        loop.run_until_complete(asyncio.wait(pending, timeout=_DRAIN_S))
+        stuck = [t for t in pending if not t.done()]
+        for task in stuck:
+          task.cancel()
+        if stuck:
+          loop.run_until_complete(asyncio.wait(stuck, timeout=5))
+      for task in pending:
+        if task.done() and not task.cancelled():
+          task.exception()   # retrieved: no 'Task exception was never retrieved' at collection
+      raise
+  finally:
+    asyncio.set_event_loop(None)
+    loop.close()
+
+
+if hasattr(ocp_asyncio, '_run_sync_via_new_loop'):   # the Orbax version requirements.txt pins
+  ocp_asyncio._run_sync_via_new_loop = _run_in_new_loop_and_drain   # pylint: disable=protected-access
+
+
+def _chain(e: BaseException) -> list[BaseException]:
+  """`e` and the exceptions behind it, as a traceback shows them (the cause, else the unsuppressed context)."""
+  out = []
+  while e is not None and all(e is not x for x in out):
+    out.append(e)
+    e = e.__cause__ if e.__cause__ is not None else None if e.__suppress_context__ else e.__context__
+  return out
+
+
+_OS_ERROR_CODE = re.compile(r"\[os_error_code='?(\d+)'?\]|\[OS error (\d+)")
+_STATUS = re.compile(r'^[A-Z][A-Z_]{2,}: ')   # absl status codes TensorStore puts first (DATA_LOSS: ...)
+# Where TensorStore was, each a prefix of its message: 'Error opening "zarr" driver: ', 'Error reading "params.x/0.0"
+# in OCDBT database at local file "/run/checkpoints/6/state/": ', 'Error reading Byte range [0, 520) of local file
+# "/run/.../d/b0ce": '.
+_TS_WHERE = re.compile(r'(?:Error|Failed) [a-z]+ing\b(?:[^":]|"[^"]*")*?: ')
+_TS_KEY = re.compile(r'"([^"]*)" in OCDBT')
+_SPEC_KEY = re.compile(r"'path': '([^'/]+)/'")   # the array's key in the store spec Orbax's wrapper prints
+_TS_DETAILS = re.compile(r"\s*See full TensorStore details:.*$|\s*\[\w+='.*$")   # the spec; status payloads
+
+
+def _os_reason(e: BaseException) -> str | None:
+  """The operating system's words for the first OS error in `e`'s chain ('No space left on device'), whether
+  raised as an OSError or carried in the text of a TensorStore status ([os_error_code='28'])."""
+  for x in _chain(e):
+    if isinstance(x, OSError) and x.strerror:
+      return x.strerror
+    match = _OS_ERROR_CODE.search(str(x))
+    if match:
+      return os.strerror(int(match.group(1) or match.group(2)))
+  return None
+
+
+def _reason(e: BaseException, limit: int = 200, with_leaf: bool = True) -> str:
+  """One short line saying why a save or restore failed: the OS error's words if there is one, else the first
+  line of the underlying error (Orbax's wrappers, TensorStore's spec dump and file paths dropped); `with_leaf`:
+  led by the array it concerns, when the error names it ('params.x.kernel: ...')."""
+  chain = _chain(e)
+  k = 0   # Orbax re-raises TensorStore's error under its own words and the store's spec: go below those
+  while k + 1 < len(chain) and 'TensorStore details' in str(chain[k]):
+    k += 1
+  leaf = next((key for x in chain[:k + 1] for key in _SPEC_KEY.findall(str(x))), None)
+  line = (str(chain[k]).strip().splitlines() or [type(chain[k]).__name__])[0]
+  line = _STATUS.sub('', _TS_DETAILS.sub('', line))
+  while (where := _TS_WHERE.match(line)) is not None:
+    key = _TS_KEY.search(where.group(0))
+    leaf = key.group(1).rsplit('/', 1)[0] if key else leaf   # 'params.x.kernel/0.0': the leaf, then the chunk
+    line = line[where.end():]
+  line = _os_reason(e) or line
+  line = f'{leaf}: {line}' if leaf and with_leaf else line
+  return line if len(line) <= limit else line[:limit - 1] + '…'
 
 
 def _manager(directory: Path, keep: int, use_async: bool, read_only: bool = False) -> ocp.CheckpointManager:
@@ -276,9 +392,10 @@ class Checkpointer:
     for thread in threading.enumerate():
       if type(thread).__module__.startswith('orbax.') and thread is not threading.current_thread():
         thread.join(timeout=60)
-    good = [s for s in self.manager.all_steps(read=True) if s != step]
+    self.manager.reload()   # the steps on disk now
+    good = [s for s in self.manager.all_steps() if s != step]
     last = f'step {max(good)}' if good else 'none'
-    raise CheckpointError(f'checkpoint of step {step} in {self.directory} failed: {_reason(e)}; '
+    raise CheckpointError(f'checkpoint of step {step} in {self.directory} failed: {_reason(e, with_leaf=False)}; '
                           f'the last good checkpoint is {last}') from e
 
   def close(self) -> None:
@@ -289,62 +406,103 @@ class Checkpointer:
     finally:
       self.manager.close()
 
+  def _check_layout(self, step: int, abstract_state) -> None:
+    """CheckpointMismatchError if the step's saved state has other leaves or shapes than `abstract_state` (from
+    the state item's metadata, before any array is read)."""
+    handler = ocp.StandardCheckpointHandler()
+    try:
+      saved = handler.metadata(self.directory / str(step) / 'state')
+    except Exception:  # noqa: BLE001 — unreadable metadata: the restore itself reports what is wrong
+      return
+    finally:
+      handler.close()
+    saved = _shapes(getattr(saved, 'tree', saved))
+    wanted = _shapes(abstract_state)
+    for name, shape in wanted.items():
+      if name not in saved:
+        raise CheckpointMismatchError(f'{name} {shape} is in the config but not in the checkpoint', name=name,
+                                      wanted=shape)
+      if saved[name] != shape:
+        raise CheckpointMismatchError(f'{name} has shape {saved[name]} in the checkpoint, {shape} in the config',
+                                      name=name, saved=saved[name], wanted=shape)
+    extra = next((n for n in saved if n not in wanted), None)
+    if extra is not None:
+      raise CheckpointMismatchError(f'the checkpoint holds {extra} {saved[extra]}, which the config does not have',
+                                    name=extra, saved=saved[extra])
+
   def _restore_step(self, step: int, abstract_state):
+    """(state, data state, loop counters) of one step; CheckpointError (its message: the reason only) if the
+    step is damaged, CheckpointMismatchError if it does not fit `abstract_state`."""
     items = dict(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
                  config=ocp.args.JsonRestore())
     checked = (self.directory / str(step) / 'meta').is_dir()   # no meta item: a checkpoint from before it,
     if not checked and any((self.directory / str(s) / 'meta').is_dir() for s in self.steps()):
       # unless another checkpoint of the same run has one: then this one lost it (damage, or a partial copy).
-      raise CheckpointError(f'checkpoint {step} has no meta item (checksums) while other checkpoints of this run '
-                            'have one')
+      raise CheckpointError('its meta item (checksums) is missing while other checkpoints of this run have one')
     if checked:
       items['meta'] = ocp.args.JsonRestore()
+    self._check_layout(step, abstract_state)
     out = self.manager.restore(step, args=ocp.args.Composite(**items))
     state = out['state']
     if int(np.asarray(state.step)) != step:
-      raise CheckpointError(f'checkpoint {step} holds step {int(np.asarray(state.step))}')
+      raise CheckpointError(f'it holds step {int(np.asarray(state.step))}')
     finite, checksums = summarize(state)
-    counters = _check_meta(step, out['meta'], checksums) if checked else {}
+    counters = _check_meta(out['meta'], checksums) if checked else {}
     if not finite:
-      raise CheckpointError(f'checkpoint {step} holds non-finite values')
+      raise CheckpointError('it holds non-finite values')
     return state, out['data'], counters
 
   def restore_latest(self, abstract_state, check_data: Callable[[Any, int], None] | None = None,
                      move_unreadable: bool | None = None):
     """Returns (state, data_state, step) from the newest readable checkpoint, or None if there is none.
 
-    Readable means Orbax reads it, it holds its own step, finite values matching their saved checksums, and
-    `check_data(data_state, step)` (the caller's validation of the data-iterator state) does not raise.
-    Newer unreadable checkpoints are reported (one line each) and moved aside — unless `move_unreadable` is
-    False, as for the read-only commands (a run still training may be writing them). If none can be read,
-    nothing is moved and the first error is raised (most likely the config no longer matches the checkpoints). The
-    step's loop counters are left in `self.loop_state` ({} for a checkpoint from before them).
+    Readable means its leaves and shapes are those of `abstract_state`, Orbax reads it, it holds its own step,
+    finite values matching their saved checksums, and `check_data(data_state, step)` (the caller's validation
+    of the data-iterator state) does not raise. Newer unreadable checkpoints are reported on stderr, one line
+    each naming the step used instead, and moved aside — unless `move_unreadable` is False, as for the
+    read-only commands (a run still training may be writing them). If none can be read, nothing is moved and
+    one CheckpointError says why: CheckpointMismatchError when none fits the config (shapes, leaves or the
+    data-iterator state), else that the checkpoints are unreadable. The step's loop counters are left in
+    `self.loop_state` ({} for a checkpoint from before them).
     """
     if move_unreadable is None:
       move_unreadable = not self.read_only
     steps = self.steps()
-    failures = []
+    failures = []   # (step, reason, kind, error); kind: 'damage', 'layout' (not the config's) or 'data' (refused)
     for step in reversed(steps):
       try:
         state, data_state, counters = self._restore_step(step, abstract_state)
-        if check_data is not None:
-          check_data(data_state, step)
-      except Exception as e:  # noqa: BLE001 — any read failure means "try the previous one".
-        msg = f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}'[:300]
-        print(f'warning: checkpoint step {step} in {self.directory} is unreadable ({msg}); '
-              'trying the previous one', flush=True)
-        failures.append((step, e))
+      except CheckpointMismatchError as e:
+        failures.append((step, str(e), 'layout', e))
         continue
+      except Exception as e:  # noqa: BLE001 — any read failure means "try the previous one".
+        failures.append((step, _reason(e), 'damage', e))
+        continue
+      if check_data is not None:
+        try:
+          check_data(data_state, step)
+        except Exception as e:  # noqa: BLE001 — the caller's refusal of the data-iterator state
+          reason = _reason(e)
+          reason = reason if 'data-iterator' in reason else f'data-iterator state: {reason}'
+          failures.append((step, reason, 'data', e))
+          continue
+      for bad, reason, kind, _ in failures:
+        what = 'does not fit the config' if kind == 'layout' else 'is unreadable'
+        _warn(f'warning: checkpoint step {bad} in {self.directory} {what} ({reason}); using step {step} instead')
       if failures and move_unreadable:
-        self._quarantine([s for s, _ in failures])
+        self._quarantine([s for s, _, _, _ in failures])
       self.loop_state = dict(counters)
       return state, data_state, step
-    if failures:
-      step, e = failures[0]
-      raise CheckpointError(f'no readable checkpoint in {self.directory} (latest step {step}: '
-                            f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}); '
-                            'does the config match the run that wrote them?') from e
-    return None
+    if not failures:
+      return None
+    step, reason, _, first = failures[0]
+    if all(kind != 'damage' for _, _, kind, _ in failures):   # read, but not this config's: the hint helps
+      raise CheckpointMismatchError(f'no checkpoint in {self.directory} fits the config (latest step {step}: '
+                                    f'{reason}); does the config match the run that wrote them?', step=step,
+                                    reason=reason) from first
+    tried = ', '.join(str(s) for s, _, _, _ in failures)
+    raise CheckpointError(f'the checkpoints in {self.directory} are unreadable (tried steps {tried}; step {step}: '
+                          f'{reason}); the last good checkpoint is none') from first
 
   def _quarantine(self, steps: list[int]) -> None:
     """Moves unreadable step directories out of the manager's way (keeping them for inspection)."""
@@ -357,7 +515,7 @@ class Checkpointer:
         if src.exists():
           dest = dest_root / f'{step}-{time.strftime("%Y%m%d-%H%M%S")}'
           shutil.move(str(src), str(dest))
-          print(f'moved unreadable checkpoint {src} to {dest}', flush=True)
+          _warn(f'moved unreadable checkpoint {src} to {dest}')
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
       multihost_utils.sync_global_devices('ecdit: unreadable checkpoints moved')

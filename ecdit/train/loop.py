@@ -243,6 +243,7 @@ def train(cfg, workdir: str | Path, *, progress: bool = True, data_fn=None, devi
   guard = SkipGuard(t.nan_policy, t.max_skipped_steps, lambda: (ckpt.steps() or [None])[-1],
                     run=ckpt.loop_state.get('consecutive_skips', 0))   # continued from the checkpoint
   pending = None   # (step, finite flag) of the step in flight
+  saved_at = -1   # the step whose checkpoint was last started
   try:
     for i in range(start, t.num_steps):
       batch = batch_lib.step_inputs(next(data_iter))
@@ -259,7 +260,13 @@ def train(cfg, workdir: str | Path, *, progress: bool = True, data_fn=None, devi
       if pending is not None:
         guard(pending[0], bool(pending[1]))
       pending = (step, m['finite'])
-      ckpt.check()   # a checkpoint save that failed in the background stops the run at once
+      # The step after a save waits for it, while this step computes: a save that failed in the background
+      # stops the run here, before a later step is logged or saved, at the cost of the write's time beyond one
+      # step, once per checkpoint. Any other step only reads the flag (free).
+      if step == saved_at + 1:
+        ckpt.wait()
+      else:
+        ckpt.check()
       save_now = step % t.checkpoint_every == 0 or step == t.num_steps
       if guard.stop_at_first or save_now:   # 'stop' at once; a step about to be saved is counted first
         guard(step, bool(m['finite']))
@@ -279,6 +286,7 @@ def train(cfg, workdir: str | Path, *, progress: bool = True, data_fn=None, devi
       bar.update(1, loss=last_logged.get('loss') if log_now else None)
       if save_now:
         ckpt.save(step, state, data_iter.get_state(), resolved, loop={'consecutive_skips': guard.run})
+        saved_at = step
       if (t.sample_every and step % t.sample_every == 0) or (step == t.num_steps and t.final_sample):
         last_sample = do_preview(step)
   finally:

@@ -132,6 +132,9 @@ def restore(workdir: str | Path, *, ema: bool = False,
   ck = ckpt_lib.Checkpointer(workdir, keep=cfg.train.keep_checkpoints, use_async=False, read_only=True)
   try:
     restored = ck.restore_latest(setup.abstract_state)
+  except ckpt_lib.CheckpointMismatchError as e:   # the model config.json describes is not the one trained
+    raise WorkdirError(f'--workdir={workdir}: the checkpoints in {ck_dir} do not match the run\'s config.json '
+                       f'(latest step {e.step}: {e.reason}); was config.json edited after training?') from e
   finally:
     ck.close()
   if restored is None:
