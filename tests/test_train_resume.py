@@ -102,3 +102,15 @@ def test_sample_grid_from_workdir(runs):
   img = np.asarray(Image.open(out))
   assert img.ndim == 3 and img.shape[2] == 3 and img.shape[1] > 2 * 64
   assert f'from checkpoint step {STEPS}' in r.stdout
+
+
+def test_restore_a_given_step(runs):
+  import jax   # pylint: disable=import-outside-toplevel
+  from ecdit.train import workdir as workdir_lib   # pylint: disable=import-outside-toplevel
+  newest, older = workdir_lib.restore(runs['b']), workdir_lib.restore(runs['b'], step=STEPS - 5)
+  assert (newest.step, older.step) == (STEPS, STEPS - 5)
+  diffs = [float(abs(a - b).max()) for a, b in zip(jax.tree.leaves(newest.params), jax.tree.leaves(older.params))]
+  assert max(diffs) > 0   # five more updates
+  kept = ', '.join(str(s) for s in (STEPS - 10, STEPS - 5, STEPS))
+  with pytest.raises(workdir_lib.WorkdirError, match=rf'--step=7: .* has no checkpoint of step 7 \(steps there: {kept}\)'):
+    workdir_lib.restore(runs['b'], step=7)

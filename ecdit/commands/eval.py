@@ -36,6 +36,7 @@ _STEPS = flags.DEFINE_integer('steps', None, "ODE steps (default: the run's samp
 _CFG_SCALE = flags.DEFINE_float('cfg_scale', None, "guidance scale (default: the run's sample.cfg_scale)")
 _SAMPLER = flags.DEFINE_enum('sampler', None, ['euler', 'heun'], "ODE solver (default: sample.sampler)")
 _EMA = flags.DEFINE_bool('ema', True, 'use the EMA weights')
+_STEP = flags.DEFINE_integer('step', None, 'the checkpoint step to evaluate (default: the newest readable one)')
 _MAX_FAILURES = flags.DEFINE_integer('max_failures', 48, 'failed images in the PNG grid (0: no grid)')
 
 
@@ -61,7 +62,7 @@ def _check_outputs(out: Path) -> Path:
 def main(argv):
   cflags.quiet_logging()
   cflags.no_arguments(argv)
-  for f in (_N, _NUM_PROMPTS, _BATCH, _STEPS):
+  for f in (_N, _NUM_PROMPTS, _BATCH, _STEPS, _STEP):
     cflags.at_least(f, 1)
   if _IMAGE_SIZE.value < 8:
     raise errors.UsageError(f'--image_size={_IMAGE_SIZE.value} is invalid: expected at least 8')
@@ -85,7 +86,7 @@ def main(argv):
     with cflags.translate():
       generate, info = shapes_eval.model_generator(
           _WORKDIR.value, num_steps=_STEPS.value, cfg_scale=_CFG_SCALE.value, sampler=_SAMPLER.value,
-          ema=_EMA.value)
+          ema=_EMA.value, step=_STEP.value)
     name = f'step_{info["step"]:07d}'
     extra.update(source='model', ema=_EMA.value, **info)
 

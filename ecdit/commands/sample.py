@@ -26,6 +26,7 @@ _CFG_SCALE = flags.DEFINE_float('cfg_scale', None, 'classifier-free guidance sca
 _SAMPLER = flags.DEFINE_enum('sampler', None, ['euler', 'heun'], 'ODE solver (default: sample.sampler)')
 _SEED = flags.DEFINE_integer('seed', None, 'noise seed (default: sample.seed)')
 _EMA = flags.DEFINE_bool('ema', True, 'use the EMA weights')
+_STEP = flags.DEFINE_integer('step', None, 'the checkpoint step to sample (default: the newest readable one)')
 _REPEAT = flags.DEFINE_integer('repeat', 1, 'images per prompt (one row per prompt)')
 
 
@@ -35,6 +36,7 @@ def main(argv):
   workdir = Path(_WORKDIR.value)
   cflags.at_least(_REPEAT, 1)
   cflags.at_least(_STEPS, 1)
+  cflags.at_least(_STEP, 1)
   cflags.at_least(_CFG_SCALE, 0.0)
   given = cflags.prompt_list(_PROMPTS) if _PROMPTS.value is not None else None   # an empty one: an error
   cflags.quiet_logging()
@@ -46,7 +48,7 @@ def main(argv):
   with cflags.translate():   # WorkdirError, ConfigError
     cfg = workdir_lib.load_run_config(workdir)
     prompts = given or cflags.prompt_list(_PROMPTS, cfg.sample.prompts)
-    run = workdir_lib.restore(workdir, ema=_EMA.value)
+    run = workdir_lib.restore(workdir, ema=_EMA.value, step=_STEP.value)
   step, seed = run.step, cfg.sample.seed if _SEED.value is None else _SEED.value
   out = check_out(Path(_OUT.value) if _OUT.value else workdir / 'samples' / f'sample_{step:07d}.png')
   generate = sampler_lib.sampler_for_run(run, num_steps=_STEPS.value, cfg_scale=_CFG_SCALE.value,

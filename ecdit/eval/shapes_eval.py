@@ -98,8 +98,8 @@ def ground_truth_generator(records: Sequence[dict], image_size: int = 32) -> Gen
 # ------------------------------------------------------------------------------------------------ model
 
 def model_generator(workdir, *, num_steps: int | None = None, cfg_scale: float | None = None,
-                    sampler: str | None = None, ema: bool = True) -> tuple[Generator, dict]:
-  """`generate(prompts, seed)` sampling a training workdir's newest checkpoint, and info about it
+                    sampler: str | None = None, ema: bool = True, step: int | None = None) -> tuple[Generator, dict]:
+  """`generate(prompts, seed)` sampling a training workdir's newest checkpoint (or checkpoint `step`), and info about it
   ({'step', 'image_size', 'workdir'}). Settings default to the run's `sample.*` config. A run with a frozen
   text encoder (data.text_encoder_dir) encodes prompts with it; one on latents (data.vae_dir) decodes the
   samples with its VAE, so scoring always sees RGB pixels.
@@ -108,7 +108,7 @@ def model_generator(workdir, *, num_steps: int | None = None, cfg_scale: float |
   its checkpoints are missing.
   """
   try:
-    run = workdir_lib.restore(workdir, ema=ema)
+    run = workdir_lib.restore(workdir, ema=ema, step=step)
   except workdir_lib.WorkdirError as e:
     raise workdir_lib.WorkdirError(f'{e}; model-based eval needs a trained workdir (or pass --ground_truth '
                                    'to score the shapes world itself)') from None

@@ -453,8 +453,9 @@ class Checkpointer:
     return state, out['data'], counters
 
   def restore_latest(self, abstract_state, check_data: Callable[[Any, int], None] | None = None,
-                     move_unreadable: bool | None = None):
-    """Returns (state, data_state, step) from the newest readable checkpoint, or None if there is none.
+                     move_unreadable: bool | None = None, step: int | None = None):
+    """Returns (state, data_state, step) from the newest readable checkpoint, or None if there is none;
+    with `step`, that checkpoint only (one of `steps()`: the caller checks), never an older one.
 
     Readable means its leaves and shapes are those of `abstract_state`, Orbax reads it, it holds its own step,
     finite values matching their saved checksums, and `check_data(data_state, step)` (the caller's validation
@@ -467,7 +468,7 @@ class Checkpointer:
     """
     if move_unreadable is None:
       move_unreadable = not self.read_only
-    steps = self.steps()
+    steps = self.steps() if step is None else [step]
     failures = []   # (step, reason, kind, error); kind: 'damage', 'layout' (not the config's) or 'data' (refused)
     for step in reversed(steps):
       try:

@@ -112,8 +112,9 @@ def tokenizer_path(cfg) -> Path | None:
 
 
 def restore(workdir: str | Path, *, ema: bool = False,
-            require: Callable[[Any, ModelConfig], None] | None = None) -> Restored:
-  """The newest readable checkpoint of a workdir (params, or EMA params with `ema`).
+            require: Callable[[Any, ModelConfig], None] | None = None, step: int | None = None) -> Restored:
+  """The newest readable checkpoint of a workdir (params, or EMA params with `ema`); checkpoint `step` only
+  when given (a WorkdirError lists the steps there are if it is not one of them).
 
   `require(cfg, model_config)` may raise ValueError to refuse the run before any checkpoint is read.
   Raises WorkdirError for a missing workdir / config.json / checkpoint, ConfigError for an invalid config.
@@ -131,7 +132,10 @@ def restore(workdir: str | Path, *, ema: bool = False,
   # Reading never moves or deletes a file: the run may still be training.
   ck = ckpt_lib.Checkpointer(workdir, keep=cfg.train.keep_checkpoints, use_async=False, read_only=True)
   try:
-    restored = ck.restore_latest(setup.abstract_state)
+    if step is not None and step not in ck.steps():
+      have = ', '.join(map(str, ck.steps())) or 'none'
+      raise WorkdirError(f'--step={step}: {ck_dir} has no checkpoint of step {step} (steps there: {have})')
+    restored = ck.restore_latest(setup.abstract_state, step=step)
   except ckpt_lib.CheckpointMismatchError as e:   # the model config.json describes is not the one trained
     raise WorkdirError(f'--workdir={workdir}: the checkpoints in {ck_dir} do not match the run\'s config.json '
                        f'(latest step {e.step}: {e.reason}); was config.json edited after training?') from e
