@@ -28,7 +28,7 @@ COMMANDS = {
     'plan': ('ecdit.commands.plan', 'compile the train step for N simulated chips: memory, FLOPs, roofline'),
     'upcycle': ('ecdit.commands.upcycle', 'an EC-DiT workdir from a dense one (FFNs copied into experts)'),
 }
-VERBOSE_ENV = 'ECDIT_VERBOSE'
+VERBOSE_ENV = errors.VERBOSE_ENV
 
 
 def usage() -> str:
@@ -44,7 +44,7 @@ def _wants_help(args) -> bool:
 
 
 def _report(e: errors.EcditError, argv) -> int:
-  verbose = os.environ.get(VERBOSE_ENV, '') not in ('', '0') or '--verbose' in argv \
+  verbose = errors.verbose() or '--verbose' in argv \
       or cflags.FLAGS['verbose'].value   # a flag error may come before --verbose is parsed
   if verbose:
     traceback.print_exception(e)
@@ -69,6 +69,9 @@ def run(argv=None):
     # glibc malloc settings that spare XLA:CPU ~0.6 s of page faults per train step (ecdit/malloc.py); glibc
     # reads them only at start, so the command re-executes itself once (ECDIT_SYSTEM_MALLOC=1 opts out).
     malloc.reexec_with_tuned_malloc()
+  own = args[:args.index('--')] if '--' in args else args
+  if any(a.lower() in ('--verbose', '--verbose=true', '--verbose=1') for a in own):
+    os.environ[VERBOSE_ENV] = '1'   # before any work: library code reads it too (errors.verbose)
   try:
     module = importlib.import_module(COMMANDS[command][0])   # may fail on a bad --config.<key> already
     if wants_help:

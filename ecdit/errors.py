@@ -7,6 +7,15 @@ Library code raises a specific subclass (ConfigError, WorkdirError, CheckpointEr
   ├── UsageError      bad flags, config values or input paths the user gave: exit 2
   └── RunError        the work itself failed (checkpoint, non-finite loss, damaged data): exit 1
 """
+import os
+
+VERBOSE_ENV = 'ECDIT_VERBOSE'   # '1': tracebacks and the libraries' own error logs too (`--verbose` sets it)
+
+
+def verbose() -> bool:
+  """Whether the user asked for tracebacks (ECDIT_VERBOSE=1, or `--verbose`, which the command line turns into
+  it): library code then leaves the logs of failures it reports itself as they are."""
+  return os.environ.get(VERBOSE_ENV, '') not in ('', '0')
 
 
 class EcditError(Exception):

@@ -191,3 +191,36 @@ def test_failure_reasons_keep_the_os_error_and_drop_orbax_wrappers():
                                        '(slice(0, 32, 1),).')
   assert ckpt_lib._reason(ValueError('x' * 500)) == 'x' * 199 + '…'
   assert ckpt_lib._reason(ckpt_lib.CheckpointError('checksum mismatch in .params')) == 'checksum mismatch in .params'
+
+
+def test_orbax_errors_during_an_operation_are_held_then_dropped_or_logged(monkeypatch, caplog):
+  """Orbax's ERROR logs while a save or read is under way: dropped when it fails (ecdit's own line says it),
+  logged when it succeeds (they were about something else); outside one, their tracebacks are cut; with
+  ECDIT_VERBOSE=1 all of it is left as Orbax wrote it."""
+  import logging
+  try:
+    raise OSError(28, 'No space left on device')
+  except OSError:
+    exc_info = sys.exc_info()
+
+  def record(message):
+    return logging.LogRecord('ecdit_test_orbax', logging.ERROR, '/site-packages/orbax/checkpoint/x.py', 1,
+                             message, None, exc_info)
+  monkeypatch.delenv('ECDIT_VERBOSE', raising=False)
+  f = ckpt_lib._OrbaxErrors()   # pylint: disable=protected-access
+  logging.getLogger('ecdit_test_orbax').addFilter(f)
+  with caplog.at_level(logging.ERROR, 'ecdit_test_orbax'):
+    r = record('outside')
+    assert f.filter(r) and r.exc_info is None   # no operation: the message line, no traceback
+    f.hold()
+    assert not f.filter(record('of the failed save'))
+    f.release(failed=True)
+    f.hold()
+    assert not f.filter(record('of another thing'))
+    f.release(failed=False)
+    assert [(r.getMessage(), r.exc_info) for r in caplog.records] == [('of another thing', None)]
+    monkeypatch.setenv('ECDIT_VERBOSE', '1')
+    f.hold()
+    r = record('verbose')
+    assert f.filter(r) and r.exc_info is exc_info
+    f.release(failed=True)

@@ -33,6 +33,7 @@ def error_lines(stderr: str) -> list[str]:
     (['--config.mesh.data=3', '--config.mesh.fsdp=1'], 'multiplies to 3 devices'),   # vs the device count
     (['--config=experiments/shapes_small.py:moe'], 'moe'),
     (['--config=experiments/nope.py'], 'nope.py'),
+    (['--config.model.capacity_factor=inf'], 'model.capacity_factor=inf is invalid: expected a finite number > 0'),
 ])
 def test_bad_config_is_one_line(args, needle, tmp_path):
   r = ecdit('train', f'--workdir={tmp_path}', *args)
@@ -58,6 +59,10 @@ def test_bad_config_is_one_line(args, needle, tmp_path):
     ({'train.grad_clip': float('inf')}, 'train.grad_clip=inf'),
     ({'train.ema_decay': 1.0}, 'train.ema_decay=1.0'),
     ({'sample.cfg_scale': float('inf')}, 'sample.cfg_scale=inf'),
+    ({'model.capacity_factor': float('nan')}, 'model.capacity_factor=nan is invalid: expected a finite number > 0'),
+    ({'model.eval_capacity_factor': float('inf')}, 'model.eval_capacity_factor=inf'),
+    ({'model.router_init_std': float('nan')}, 'model.router_init_std=nan is invalid: expected a finite number >= 0'),
+    ({'model.aux_loss_weight': -0.5}, 'model.aux_loss_weight=-0.5 is invalid: expected a finite number >= 0'),
 ])
 def test_bad_config_value_names_the_key(changes, needle):
   from ecdit.config import experiment as config_lib
@@ -144,6 +149,9 @@ def main(argv):
     raise PermissionError(13, 'Permission denied', '/some/run/config.json')
   if kind == 'oserror_no_path':
     raise OSError('a socket went away')
+  if kind == 'verbose':   # what library code sees (errors.verbose: Orbax's logs of its failures kept or not)
+    print(errors.verbose())
+    return
   raise getattr(errors, kind)('the disk\\nis gone')
 m.main = main
 sys.modules['boom'] = m
@@ -169,6 +177,11 @@ def test_error_boundary_one_line_and_exit_status(kind, code):
   assert verbose.stderr.splitlines()[-1] == 'ecdit: error: the disk is gone'
   env = boom(kind, env={'ECDIT_VERBOSE': '1'})
   assert env.returncode == code and 'Traceback' in env.stderr
+
+
+def test_verbose_flag_reaches_library_code():
+  assert boom('verbose').stdout == 'False\n'
+  assert boom('verbose', '--verbose').stdout == 'True\n'
 
 
 def test_a_bug_keeps_its_traceback():

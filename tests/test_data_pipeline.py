@@ -1,5 +1,10 @@
 """Grain input pipeline: determinism, exact resumption, per-process shards, global arrays, caption dropout."""
 import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -9,9 +14,11 @@ from jax.sharding import NamedSharding, PartitionSpec
 from ecdit.config import data as config_lib
 from ecdit.data import pipeline
 from ecdit.data import prepare as prepare_lib
+from ecdit.data import reader
 from ecdit.data import tokenizer as tokenizer_lib
 
 N_TRAIN = 200
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope='module')
@@ -207,5 +214,64 @@ def test_bad_arguments(setup, tmp_path):
     make(setup, split='eval_prompts')
   missing = cfg.copy_and_resolve_references()
   missing.dir = str(tmp_path / 'nowhere')
-  with pytest.raises(FileNotFoundError, match='ecdit prepare'):
+  with pytest.raises(reader.DataError, match=r'no prepared dataset at .*nowhere.*ecdit prepare'):
     pipeline.make_train_iterator(missing, global_batch_size=8, sharding=None, tokenizer=tok, seed=0)
+
+
+WORKER_ERROR_SCRIPT = '''
+import json
+import sys
+import ml_collections
+from ecdit.data import pipeline, reader, tokenizer
+
+if __name__ == '__main__':
+  cfg = ml_collections.ConfigDict(json.loads(sys.argv[1]))
+  it = pipeline.make_train_iterator(cfg, global_batch_size=32, sharding=None, seed=0,
+                                    tokenizer=tokenizer.Tokenizer(sys.argv[2], cfg.text_length))
+  try:
+    for _ in range(20):
+      next(it)   # nothing of a batch kept: what still holds one after the error is the pipeline's
+  except reader.DataError as e:
+    print('DataError:', str(e).split(': ')[1])
+'''
+
+
+def _damage_one_record(dataset: Path) -> None:
+  """Overwrites 64 bytes inside one record of the train split's file, where `Source.check` (a record of every
+  shard, and the last) does not look: the damage shows only when a worker reads that record."""
+  path = next(dataset.glob('*-train.array_record-*'))
+  data = path.read_bytes()
+  for at in range(2000, len(data) // 2, 1500):
+    path.write_bytes(data[:at] + b'\xff' * 64 + data[at + 64:])
+    reader._CHECKED.clear()   # pylint: disable=protected-access
+    try:
+      source = reader.data_source(dataset, 'train')
+    except reader.DataError:
+      continue
+    try:
+      for i in range(len(source)):
+        source[i]
+    except reader.DataError:
+      return
+  raise AssertionError(f'no place in {path} whose damage only a record read finds')
+
+
+def test_a_data_error_in_a_worker_frees_the_workers_shared_memory(setup, tmp_path):
+  """data.worker_count > 0: the batches grain's worker processes hand over live in shared memory. A damaged
+  record read in a worker is one DataError in the main process, and the workers and every batch's shared
+  memory are gone before exit: no resource_tracker warning about leaked shared_memory objects."""
+  cfg, tok = setup
+  cfg = cfg.copy_and_resolve_references()
+  src = prepare_lib.dataset_dir(cfg)
+  shutil.copytree(cfg.dir, tmp_path / 'data')
+  cfg.dir, cfg.worker_count = str(tmp_path / 'data'), 2
+  damaged = prepare_lib.dataset_dir(cfg)
+  assert damaged != src and damaged.is_dir()
+  _damage_one_record(damaged)
+  (tmp_path / 'script.py').write_text(WORKER_ERROR_SCRIPT)
+  proc = subprocess.run([sys.executable, str(tmp_path / 'script.py'), cfg.to_json(), str(tok.model_path)],
+                        capture_output=True, text=True, timeout=300,
+                        env=dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get('PYTHONPATH', '')])))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout == 'DataError: the prepared dataset is damaged\n', proc.stdout + proc.stderr[-3000:]
+  assert 'leaked' not in proc.stderr and 'resource_tracker' not in proc.stderr, proc.stderr[-3000:]

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from ecdit.config import data as config_lib
+from ecdit.config.experiment import ConfigError
 from ecdit.data import prepare as prepare_lib
 from ecdit.data import reader
 from ecdit.data import shapes as S
@@ -47,15 +48,21 @@ def test_pickles_for_worker_processes(model_path):
 
 
 def test_errors(model_path, tmp_path):
-  with pytest.raises(FileNotFoundError, match='missing.model'):
+  # Every bad tokenizer file is one DataError line naming it and the fix (a ValueError too, as before).
+  with pytest.raises(reader.DataError, match=r'missing\.model does not exist; .*data\.tokenizer_path$'):
     T.load_tokenizer(tmp_path / 'missing.model', 96, 8)
-  with pytest.raises(ValueError, match=r'has 96 pieces but data.vocab_size=128'):
+  with pytest.raises(reader.DataError, match=r'has 96 pieces but data.vocab_size=128; set data.vocab_size=96, '
+                                             r'or point data.tokenizer_path at a sentencepiece \.model of 128 '
+                                             r'pieces$'):
     T.load_tokenizer(model_path, 128, 8)
+  with pytest.raises(reader.DataError, match=r'has 96 pieces but data.vocab_size=128; it is the tokenizer trained '
+                                             r'beside the dataset: delete it'):
+    T.load_tokenizer(model_path, 128, 8, T.DATASET_FIX)
   (tmp_path / 'junk.model').write_bytes(b'not a model')
   with pytest.raises(reader.DataError, match=r'junk\.model is not a sentencepiece model \(11 bytes: .*\); point '
                                              'data.tokenizer_path at a sentencepiece .model file$'):
     T.load_tokenizer(tmp_path / 'junk.model', 96, 8)
-  with pytest.raises(ValueError, match=r'data.vocab_size=5000 is too large .* at most \d+'):
+  with pytest.raises(ConfigError, match=r'data.vocab_size=5000 is too large .* at most \d+'):
     T.train_sentencepiece(CAPTIONS, 5000, tmp_path / 'big.model')
   assert not (tmp_path / 'big.model').exists()
 
@@ -82,3 +89,21 @@ def test_trained_next_to_dataset_and_reused(tmp_path):
   cfg.vocab_size = 4000
   with pytest.raises(ValueError, match='data.vocab_size=4000 is too large'):
     prepare_lib.load_or_train_tokenizer(cfg)
+
+
+@pytest.mark.parametrize('explicit', [False, True])
+def test_a_trained_runs_wrong_tokenizer_is_one_line(model_path, tmp_path, explicit):
+  """`ecdit sample / eval / analyze` load a run's tokenizer through workdir.Restored: one of another size is a
+  DataError naming the file; the fix never says to change data.vocab_size (the model was trained with it)."""
+  from ecdit.train import workdir
+  from _train_util import load_experiment
+  cfg = load_experiment('shapes_tiny')
+  cfg.data.vocab_size = 128
+  if explicit:
+    cfg.data.tokenizer_path = str(model_path)
+  run = workdir.Restored(tmp_path, cfg, None, None, None, 4, None, model_path)
+  fix = (rf'point data.tokenizer_path in {tmp_path}/config.json at the sentencepiece .model the run was trained '
+         'with$' if explicit else 'it is the tokenizer trained beside the dataset: delete it')
+  with pytest.raises(reader.DataError, match=rf'^tokenizer {model_path} has 96 pieces but data.vocab_size=128; '
+                                             rf'{fix}'):
+    run.tokenizer

@@ -97,7 +97,17 @@ def test_bad_inputs(prepared):
   with pytest.raises(ValueError, match=r'multiple of 32'):
     latents.precompute(src, vae=vae_lib.VAE(vae_lib.VAEConfig(
         block_out_channels=(4, 4, 4, 4, 4, 4), layers_per_block=1, norm_num_groups=4), params=None))
-  with pytest.raises(FileNotFoundError, match='no prepared dataset'):
+  with pytest.raises(reader.DataError, match='no prepared dataset'):
     latents.precompute(root / 'nowhere', vae=vae_lib.VAE(TINY_VAE, params=None))
-  with pytest.raises(FileNotFoundError, match='null_text.npz is missing'):
+  with pytest.raises(reader.DataError, match='null_text.npz is missing'):
     latents.read_null_text(src)
+
+
+def test_a_damaged_null_text_file_is_one_data_error(tmp_path):
+  (tmp_path / latents.NULL_TEXT_FILE).write_bytes(b'PK\x03\x04 not a zip')
+  with pytest.raises(reader.DataError, match=r'null_text\.npz is not the empty caption\'s text states \(.*\): the '
+                                             r'prepared dataset is damaged; delete .* run `ecdit prepare`'):
+    latents.read_null_text(tmp_path)
+  np.savez(tmp_path / latents.NULL_TEXT_FILE, states=np.zeros((2, 3)))   # no mask
+  with pytest.raises(reader.DataError, match=r'KeyError'):
+    latents.read_null_text(tmp_path)

@@ -172,7 +172,7 @@ class ModelConfig:
     positive('image_size', 'in_channels', 'patch_size', 'width', 'depth', 'num_heads', 'mlp_ratio',
              'moe_every', 'top_k', 'vocab_size', 'text_length', 'text_width', 'text_depth', 'text_heads',
              'text_states_dim')
-    if not isinstance(self.num_experts, int) or self.num_experts < 1:
+    if not isinstance(self.num_experts, int) or isinstance(self.num_experts, bool) or self.num_experts < 1:
       fail('num_experts', self.num_experts, 'an integer >= 1')
     choice('routing', ROUTINGS)
     choice('moe_backend', BACKENDS)
@@ -180,12 +180,17 @@ class ModelConfig:
     choice('text_encoder', TEXT_ENCODERS)
     choice('dtype', DTYPES)
     choice('param_dtype', DTYPES)
-    for name in ('capacity_factor', 'eval_capacity_factor'):
+    def finite(name, positive_only: bool):
       v = getattr(self, name)
-      if v is None and name == 'eval_capacity_factor':
-        continue
-      if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
-        fail(name, v, 'a number > 0')
+      if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) \
+          or (v <= 0 if positive_only else v < 0):   # nan and inf fail here too
+        fail(name, v, 'a finite number ' + ('> 0' if positive_only else '>= 0'))
+
+    finite('capacity_factor', True)
+    if self.eval_capacity_factor is not None:
+      finite('eval_capacity_factor', True)
+    finite('aux_loss_weight', False)
+    finite('router_init_std', False)
     if self.width % self.num_heads:
       fail('width', self.width, f'a multiple of num_heads={self.num_heads}')
     if self.num_kv_heads is not None:

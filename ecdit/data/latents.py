@@ -28,6 +28,7 @@ import os
 import pathlib
 import shutil
 import tempfile
+import zipfile
 from typing import Any
 
 import numpy as np
@@ -92,10 +93,15 @@ def read_null_text(dataset_dir) -> tuple[np.ndarray, np.ndarray]:
   """(states float32 [L, D], mask bool [L]) of the empty caption, saved with the precomputed text states."""
   path = pathlib.Path(dataset_dir) / NULL_TEXT_FILE
   if not path.is_file():
-    raise FileNotFoundError(f'{path} is missing: the dataset at {dataset_dir} has no precomputed text states '
-                            '(run ecdit.data.latents.precompute with a text encoder)')
-  with np.load(path) as f:
-    return f['states'].astype(np.float32), f['mask'].astype(bool)
+    raise reader.DataError(f'{path} is missing: the dataset at {dataset_dir} has no precomputed text states '
+                           '(run ecdit.data.latents.precompute with a text encoder)')
+  try:
+    with np.load(path) as f:
+      return f['states'].astype(np.float32), f['mask'].astype(bool)
+  except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+    raise reader.DataError(f'{path} is not the empty caption\'s text states ({type(e).__name__}: '
+                           f'{" ".join(str(e).split())[:200]}): the prepared dataset is damaged; delete '
+                           f'{dataset_dir} and run `ecdit prepare` with the same config to encode it again') from e
 
 
 def _check_inputs(src: pathlib.Path, builder, vae, text_encoder, text_dtype: str) -> int:

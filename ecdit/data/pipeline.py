@@ -14,9 +14,14 @@ on P, a run may even resume on a different number of processes and see the same 
 from __future__ import annotations
 
 import dataclasses
+import gc
 from typing import Any
 
 import grain
+try:   # no public name; see _wait_for_shared_memory_release
+  from grain._src.python.ipc.shared_memory_array import SharedMemoryArray as _SharedMemoryArray
+except ImportError:
+  _SharedMemoryArray = None
 from absl import flags
 import jax
 import numpy as np
@@ -82,6 +87,40 @@ def _with_position(position: int, record: dict) -> dict:
   return out
 
 
+def _release_frames(error: BaseException) -> None:
+  """Clears the locals of the finished frames a worker's error still reaches (its traceback's frames and the
+  frames that called them: grain's prefetch threads, holding the batches they last read), so the shared memory
+  of those batches is freed now, not leaked at exit. The traceback still prints (--verbose)."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    tb = error.__traceback__
+    while tb is not None:
+      frame = tb.tb_frame
+      while frame is not None and id(frame) not in seen:
+        seen.add(id(frame))
+        try:
+          frame.clear()
+        except RuntimeError:   # still executing (this thread's own stack): its locals are in use
+          pass
+        frame = frame.f_back
+      tb = tb.tb_next
+    error = error.__cause__ or error.__context__
+
+
+def _wait_for_shared_memory_release(timeout: float = 10.0) -> None:
+  """Waits for grain to unlink the shared memory of the batches freed so far: it does so on one background
+  thread (grain 0.2's `SharedMemoryArray._del_thread_pool`, in order), so a no-op queued behind them ends
+  after them. Without it an exit right after an error may outrun the unlinks and Python warns of leaked
+  shared memory. A grain without that pool: nothing to wait for."""
+  pool = getattr(_SharedMemoryArray, '_del_thread_pool', None)
+  if pool is not None:
+    try:
+      pool.apply_async(int).wait(timeout)
+    except ValueError:   # the pool is already closed (interpreter exit)
+      pass
+
+
 class TrainIterator:
   """Iterator of batch dicts; `get_state()` / `set_state()` checkpoint it (a small JSON-serialisable dict)."""
 
@@ -113,7 +152,15 @@ class TrainIterator:
   def __next__(self) -> dict[str, Any]:
     if self._iter is None:
       self._start()
-    batch = next(self._iter)   # StopIteration ends a finite (num_epochs) stream
+    try:
+      batch = next(self._iter)   # StopIteration ends a finite (num_epochs) stream
+    except StopIteration:
+      raise
+    except Exception as e:   # a worker's error (a damaged record: reader.DataError)
+      if self._worker_count > 0:
+        _release_frames(e)
+        self.close()
+      raise
     self._step += 1
     if self._sharding is None:
       return batch
@@ -122,6 +169,17 @@ class TrainIterator:
       shape = (self._global_batch_size,) + batch[key].shape[1:]
       out[key] = jax.make_array_from_process_local_data(self._sharding, batch[key], shape)
     return out
+
+  def close(self) -> None:
+    """Stops the grain iterator: with `worker_count > 0` its worker processes end and the batches they
+    left in shared memory are freed (else an error that ends the run leaks them, and Python warns at exit).
+    A later `next()` starts a new one."""
+    it, self._iter = self._iter, None
+    if it is not None and hasattr(it, 'close'):
+      it.close()
+    if self._worker_count > 0:
+      gc.collect()   # batches grain let go of sit in reference cycles: freed now, not leaked at exit
+      _wait_for_shared_memory_release()
 
   @property
   def step(self) -> int:
@@ -149,7 +207,7 @@ class TrainIterator:
         raise ValueError(f'input-pipeline state was saved with {key}={state.get(key)!r} but this pipeline has '
                          f'{key}={value!r}; the stream would differ, so it cannot resume')
     self._step = int(state['step'])
-    self._iter = None   # restarted lazily from the new position
+    self.close()   # restarted lazily from the new position
 
 
 def make_train_iterator(data_cfg, *, global_batch_size: int, sharding, tokenizer, seed: int,

@@ -34,11 +34,12 @@ def _reason(e: BaseException) -> str:
 
 
 def open_builder(dataset_dir: str | pathlib.Path, image_size: int | None = None):
-  """The read-only tfds builder of a prepared dataset; checks the image shape when image_size is given."""
+  """The read-only tfds builder of a prepared dataset; checks the image shape when image_size is given. A
+  folder that is no prepared dataset (dataset_info.json missing) is a DataError like any damage."""
   path = pathlib.Path(dataset_dir)
   if not (path / 'dataset_info.json').is_file():
-    raise FileNotFoundError(f'no prepared dataset at {path} (dataset_info.json missing); run '
-                            '`ecdit prepare --config=...` or check data.dir')
+    raise DataError(f'no prepared dataset at {path} (dataset_info.json missing); run `ecdit prepare --config=...` '
+                    'or check data.dir')
   for name in METADATA_FILES:   # tfds would fail on these with a protobuf / JSON traceback
     file = path / name
     if not file.is_file():
@@ -109,7 +110,7 @@ def data_source(dataset_dir: str | pathlib.Path, split: str, image_size: int | N
   """Random-access source of a split, its shards checked readable (`Source.check`, once per process)."""
   builder = open_builder(dataset_dir, image_size)
   if split not in builder.info.splits:
-    raise ValueError(f'dataset at {dataset_dir} has no split {split!r}; it has {sorted(builder.info.splits)}')
+    raise DataError(f'dataset at {dataset_dir} has no split {split!r}; it has {sorted(builder.info.splits)}')
   source = Source(builder.as_data_source(split=split), pathlib.Path(dataset_dir), split)
   key = (str(pathlib.Path(dataset_dir).absolute()), split)
   if key not in _CHECKED:

@@ -18,12 +18,19 @@ from typing import Iterable, Sequence
 import numpy as np
 import sentencepiece as spm
 
+from ecdit.config.experiment import ConfigError
 from ecdit.data import reader
 
 PAD_ID, UNK_ID, EOS_ID = 0, 1, 2
 EXPLICIT_FIX = 'point data.tokenizer_path at a sentencepiece .model file'
 DATASET_FIX = ('it is the tokenizer trained beside the dataset: delete it and run `ecdit prepare` with the same '
                'config to train it again')
+
+
+def run_fix(config_path) -> str:
+  """What the error of a trained run's unreadable data.tokenizer_path tells the user to do (`config_path`: the
+  run's config.json; its model was trained with that tokenizer, so data.vocab_size cannot change)."""
+  return f'point data.tokenizer_path in {config_path} at the sentencepiece .model the run was trained with'
 
 
 class Tokenizer:
@@ -33,8 +40,8 @@ class Tokenizer:
     """`fix`: what the error of an unreadable file tells the user to do (the default: a file they chose)."""
     self.model_path = pathlib.Path(model_path)
     if not self.model_path.is_file():
-      raise FileNotFoundError(f'tokenizer model {self.model_path} does not exist; train one with '
-                              '`ecdit prepare --config=...` or fix data.tokenizer_path')
+      raise reader.DataError(f'tokenizer model {self.model_path} does not exist; train one with '
+                             '`ecdit prepare --config=...` or fix data.tokenizer_path')
     self._proto = self.model_path.read_bytes()
     self.length = int(length)
     self._sp = self._load(self._proto, fix)
@@ -98,7 +105,8 @@ class Tokenizer:
 def train_sentencepiece(captions: Iterable[str], vocab_size: int, path: str | pathlib.Path) -> pathlib.Path:
   """Trains a BPE model on `captions` and writes it atomically to `path`.
 
-  Raises ValueError if the corpus cannot support `vocab_size` pieces, naming the largest size it can.
+  Raises ConfigError if the corpus cannot support `vocab_size` pieces, naming the largest size it can, and
+  DataError if there are no captions.
   """
   path = pathlib.Path(path)
   buf = io.BytesIO()
@@ -110,10 +118,10 @@ def train_sentencepiece(captions: Iterable[str], vocab_size: int, path: str | pa
   except RuntimeError as e:
     m = re.search(r'Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)', str(e))
     if m:
-      raise ValueError(f'data.vocab_size={vocab_size} is too large for the training captions: they support at '
-                       f'most {m.group(2)} pieces; set data.vocab_size <= {m.group(2)}') from None
+      raise ConfigError(f'data.vocab_size={vocab_size} is too large for the training captions: they support at '
+                        f'most {m.group(2)} pieces; set data.vocab_size <= {m.group(2)}') from None
     if 'empty' in str(e).lower() or 'no sentence' in str(e).lower():
-      raise ValueError('cannot train a tokenizer: the training captions are empty') from None
+      raise reader.DataError('cannot train a tokenizer: the training captions are empty') from None
     raise
   path.parent.mkdir(parents=True, exist_ok=True)
   fd, tmp = tempfile.mkstemp(prefix='.tokenizer-', dir=path.parent)
@@ -129,11 +137,17 @@ def tokenizer_file(dataset_dir: str | pathlib.Path, vocab_size: int) -> pathlib.
 
 
 def load_tokenizer(path: str | pathlib.Path, vocab_size: int, length: int, fix: str = EXPLICIT_FIX) -> Tokenizer:
-  """Loads a model file, checking it has `vocab_size` pieces; `fix` as for `Tokenizer`."""
+  """Loads a model file, checking it has `vocab_size` pieces; `fix` as for `Tokenizer`. Every failure is a
+  DataError naming the file."""
   tok = Tokenizer(path, length, fix)
   if tok.vocab_size != vocab_size:
-    raise ValueError(f'tokenizer {tok.model_path} has {tok.vocab_size} pieces but data.vocab_size={vocab_size}; '
-                     f'set data.vocab_size={tok.vocab_size} or use another tokenizer file')
+    # For a file the user chose for a new run, data.vocab_size may follow it instead; not for one beside a
+    # dataset (its name holds the size) or a trained run's (the model's embedding does).
+    if fix == EXPLICIT_FIX:
+      fix = (f'set data.vocab_size={tok.vocab_size}, or point data.tokenizer_path at a sentencepiece .model of '
+             f'{vocab_size} pieces')
+    raise reader.DataError(f'tokenizer {tok.model_path} has {tok.vocab_size} pieces but data.vocab_size='
+                           f'{vocab_size}; {fix}')
   return tok
 
 

@@ -13,8 +13,8 @@ that step again.
 A save that fails in the background (a full disk) is found at the next `wait()` — the loop waits at the step
 after each save, while that step computes, so nothing later is logged or saved — or `check()` (a flag read;
 the loop's other steps), and raised as one CheckpointError line naming the step, the reason (the OS error's
-words when there is one: 'No space left on device') and the last good checkpoint; Orbax's own logged
-tracebacks of it are cut to their message line. Warnings go to stderr. A failed Orbax operation lets its other
+words when there is one: 'No space left on device') and the last good checkpoint; what Orbax logged of that
+failure is not shown (`_OrbaxErrors`; all of it with --verbose / ECDIT_VERBOSE=1). Warnings go to stderr. A failed Orbax operation lets its other
 reads or writes end before its event loop closes (`_run_in_new_loop_and_drain`), so a damaged checkpoint is
 one line, not hundreds of asyncio tracebacks.
 
@@ -220,18 +220,54 @@ def _warn(line: str) -> None:
   print(line, file=sys.stderr, flush=True)
 
 
-class _NoOrbaxTracebacks(py_logging.Filter):
-  """Orbax logs every failure of its background save threads with a full traceback (thousands of lines for a
-  full disk); the failure itself is raised here as one line (its cause chained, for --verbose), so the log
-  keeps only Orbax's message line."""
+class _OrbaxErrors(py_logging.Filter):
+  """Orbax logs every failure of a save or read from its threads, with a full traceback (thousands of lines
+  for a full disk), and ecdit then reports the same failure itself in one line (its cause chained, for
+  --verbose). So while a checkpoint operation is under way (`hold`), Orbax's ERROR records are held back;
+  when it ends (`release`) they are dropped if it failed (ecdit's line says it) and logged as they were if it
+  succeeded (about something else). Outside an operation only their tracebacks are cut. With
+  `errors.verbose()` everything is logged as Orbax wrote it."""
+
+  def __init__(self):
+    super().__init__()
+    self._lock = threading.Lock()
+    self._holds = 0
+    self._held: list[py_logging.LogRecord] = []
 
   def filter(self, record):
-    if record.exc_info and '/orbax/' in record.pathname.replace('\\', '/'):
+    if '/orbax/' not in record.pathname.replace('\\', '/') or getattr(record, 'ecdit_released', False) \
+        or errors.verbose():
+      return True
+    if record.levelno >= py_logging.ERROR:
+      with self._lock:
+        if self._holds:
+          self._held.append(record)
+          return False
+    if record.exc_info:
       record.exc_info, record.exc_text = None, None
     return True
 
+  def hold(self) -> None:
+    with self._lock:
+      self._holds += 1
 
-_ORBAX_FILTER = _NoOrbaxTracebacks()
+  def release(self, failed: bool) -> None:
+    """Ends one `hold`; `failed`: the operation failed and ecdit reports it, so what it held is dropped."""
+    with self._lock:
+      self._holds = max(0, self._holds - 1)
+      if failed:
+        self._held.clear()
+      if self._holds:
+        return
+      records, self._held = self._held, []
+    for record in records:
+      record.ecdit_released = True
+      if record.exc_info:
+        record.exc_info, record.exc_text = None, None
+      py_logging.getLogger(record.name).handle(record)
+
+
+_ORBAX_FILTER = _OrbaxErrors()
 py_logging.getLogger('absl').addFilter(_ORBAX_FILTER)
 
 _DRAIN_S = 120.0   # how long a failed Orbax operation's other reads or writes may take to end
@@ -358,12 +394,14 @@ class Checkpointer:
                               config=ocp.args.JsonSave(config), meta=ocp.args.JsonSave(meta))
     self.wait()   # the previous save's failure is reported as its own step, not this one's
     self._saving = step
+    _ORBAX_FILTER.hold()   # Orbax's logs of this save are held until it is known to have failed or not
     try:
       self.manager.save(step, args=args, force=True)
     except Exception as e:  # noqa: BLE001 — the synchronous part of a save (or a synchronous save) failed
       self._failed(e)
     if not self.use_async:
       self._saving = None
+      _ORBAX_FILTER.release(failed=False)
 
   def check(self) -> None:
     """Raises CheckpointError if the save in flight has failed; free (a lock read) while it is running."""
@@ -379,6 +417,7 @@ class Checkpointer:
     except Exception as e:  # noqa: BLE001 — any failure of the background write
       self._failed(e)
     self._saving = None
+    _ORBAX_FILTER.release(failed=False)
 
   def _failed(self, e: BaseException):
     step, self._saving = self._saving, None
@@ -392,6 +431,7 @@ class Checkpointer:
     for thread in threading.enumerate():
       if type(thread).__module__.startswith('orbax.') and thread is not threading.current_thread():
         thread.join(timeout=60)
+    _ORBAX_FILTER.release(failed=True)   # what Orbax logged of it: the line below says it
     self.manager.reload()   # the steps on disk now
     good = [s for s in self.manager.all_steps() if s != step]
     last = f'step {max(good)}' if good else 'none'
@@ -471,14 +511,19 @@ class Checkpointer:
     steps = self.steps() if step is None else [step]
     failures = []   # (step, reason, kind, error); kind: 'damage', 'layout' (not the config's) or 'data' (refused)
     for step in reversed(steps):
+      _ORBAX_FILTER.hold()   # a failed read is reported below (a warning line or the error): not by Orbax too
+      failed = True
       try:
         state, data_state, counters = self._restore_step(step, abstract_state)
+        failed = False
       except CheckpointMismatchError as e:
         failures.append((step, str(e), 'layout', e))
         continue
       except Exception as e:  # noqa: BLE001 — any read failure means "try the previous one".
         failures.append((step, _reason(e), 'damage', e))
         continue
+      finally:
+        _ORBAX_FILTER.release(failed)
       if check_data is not None:
         try:
           check_data(data_state, step)

@@ -293,6 +293,9 @@ def train(cfg, workdir: str | Path, *, progress: bool = True, data_fn=None, devi
     bar.close()
     ckpt.close()
     writer.close()
+    batch = None   # may hold grain's shared memory (a worker's batch, read without a copy)
+    if hasattr(data_iter, 'close'):   # grain's worker processes end with the run, an error's too
+      data_iter.close()
 
   steady = time.perf_counter() - steady_t0 if steady_t0 else 0.0
   n_steady = t.num_steps - steady_from

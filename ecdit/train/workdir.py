@@ -53,7 +53,8 @@ class Restored:
       raise WorkdirError(f'--workdir={self.workdir}: the run\'s tokenizer is missing (data.dir='
                          f'{self.cfg.data.dir!r}, read from {Path.cwd()}); expected the file the training '
                          f'wrote beside its dataset, or set data.tokenizer_path in {self.workdir}/config.json')
-    fix = tokenizer.EXPLICIT_FIX if data_config.option(self.cfg.data, 'tokenizer_path') else tokenizer.DATASET_FIX
+    fix = (tokenizer.run_fix(self.workdir / 'config.json') if data_config.option(self.cfg.data, 'tokenizer_path')
+           else tokenizer.DATASET_FIX)
     return tokenizer.load_tokenizer(self.tokenizer_path, self.cfg.data.vocab_size, self.cfg.data.text_length, fix)
 
   @functools.cached_property
