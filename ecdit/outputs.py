@@ -203,3 +203,14 @@ def check_output(path, flag: str, *, folder: bool = False, ours: Callable[[Path]
   elif _writable_from(path) is None:
     raise OutputError(f'{shown} cannot be created: no writable directory above it')
   return path
+
+
+def follow_umask(*paths: Path) -> None:
+  """Gives files (and directories, with what is under them) the permissions a plain open() or mkdir() would:
+  safetensors and tempfile write 0600 / 0700, which would leave an export unreadable to others."""
+  umask = os.umask(0)
+  os.umask(umask)   # reading the umask means setting it; restored at once
+  for path in paths:
+    for p in [path, *(path.rglob('*') if path.is_dir() else ())]:
+      if not p.is_symlink():
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)

@@ -1,7 +1,9 @@
 """Sentencepiece tokenizer: round trip, fixed length + mask, reuse, and its errors."""
+import os
 import pickle
 
 import numpy as np
+
 import pytest
 
 from ecdit.config import data as config_lib
@@ -84,6 +86,9 @@ def test_trained_next_to_dataset_and_reused(tmp_path):
   tok = prepare_lib.load_or_train_tokenizer(cfg)
   assert tok.model_path.parent == tok.model_path.parent.parent / '1.0.0'   # inside the dataset's directory
   assert tok.model_path.name == 'tokenizer_bpe80.model' and tok.vocab_size == 80
+  umask = os.umask(0)
+  os.umask(umask)
+  assert tok.model_path.stat().st_mode & 0o777 == 0o666 & ~umask   # readable like any file, not mkstemp's 0600
   stamp = tok.model_path.stat().st_mtime_ns
   assert prepare_lib.load_or_train_tokenizer(cfg).model_path.stat().st_mtime_ns == stamp
   cfg.vocab_size = 4000

@@ -18,6 +18,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import sentencepiece as spm
 
+from ecdit import outputs
 from ecdit.config.experiment import ConfigError
 from ecdit.data import reader
 
@@ -128,6 +129,7 @@ def train_sentencepiece(captions: Iterable[str], vocab_size: int, path: str | pa
   with os.fdopen(fd, 'wb') as f:
     f.write(buf.getvalue())
   os.replace(tmp, path)
+  outputs.follow_umask(path)   # mkstemp writes 0600: a shared dataset's tokenizer must be readable
   return path
 
 

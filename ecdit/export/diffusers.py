@@ -32,6 +32,7 @@ import torch
 
 import diffusers
 import ecdit_torch
+from ecdit import outputs
 from ecdit.config import data as data_config
 from ecdit.config.model import ModelConfig
 from ecdit.export import text_folder, weights
@@ -272,7 +273,7 @@ def export_diffusers(workdir: str | Path, out_dir: str | Path, *, ema: bool = Fa
     (tmp / 'ecdit_export.json').write_text(json.dumps({'source': source, 'model': mcfg.to_dict()}, indent=2,
                                                       sort_keys=True) + '\n')
     (tmp / 'README.md').write_text(model_card(mcfg, source, run.cfg.sample, bool(vae_files), pretrained))
-    weights.follow_umask(tmp)   # mkdtemp's folder is 0700, the safetensors files 0600
+    outputs.follow_umask(tmp)   # mkdtemp's folder is 0700, the safetensors files 0600
     if out.exists():
       shutil.rmtree(out)
     tmp.rename(out)

@@ -34,13 +34,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 
-from ecdit import errors
+from ecdit import errors, outputs
 from ecdit.config.model import ModelConfig
 
 FORMAT = 'ecdit-export'
@@ -206,17 +205,6 @@ def readme_text(cfg: ModelConfig, tensors: Mapping[str, np.ndarray], title: str 
   return '\n'.join(lines) + '\n'
 
 
-def follow_umask(*paths: Path) -> None:
-  """Gives files (and directories, with what is under them) the permissions a plain open() or mkdir() would:
-  safetensors and tempfile write 0600 / 0700, which would leave an export unreadable to others."""
-  umask = os.umask(0)
-  os.umask(umask)   # reading the umask means setting it; restored at once
-  for path in paths:
-    for p in [path, *(path.rglob('*') if path.is_dir() else ())]:
-      if not p.is_symlink():
-        p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
-
-
 def write_export(out_dir: str | Path, params, cfg: ModelConfig, *, tokenizer_path: str | Path | None = None,
                  extra_config: Mapping[str, Any] | None = None) -> Path:
   """Writes model.safetensors, config.json, README.md (and tokenizer.model) into `out_dir`."""
@@ -226,7 +214,7 @@ def write_export(out_dir: str | Path, params, cfg: ModelConfig, *, tokenizer_pat
   tensors = export_params(params, cfg)
   safetensors.numpy.save_file(tensors, str(out / WEIGHTS_FILE),
                               metadata={'format': 'pt', 'ecdit_format_version': str(FORMAT_VERSION)})
-  follow_umask(out / WEIGHTS_FILE)
+  outputs.follow_umask(out / WEIGHTS_FILE)
   has_tok = tokenizer_path is not None and Path(tokenizer_path).is_file()
   if has_tok:
     (out / TOKENIZER_FILE).write_bytes(Path(tokenizer_path).read_bytes())
