@@ -99,7 +99,15 @@ def check_train_workdir(workdir: Path, resolved_model: dict) -> None:
                          'train into a new or empty directory')
     return
   old = previous_model(workdir)
-  diff = first_difference(old, resolved_model) if old is not None else None
+  if old is None:   # config.json missing or damaged: the marker's hash still says which model the run is
+    marker = _json(workdir / RUN_MARKER)
+    recorded = marker.get('model_sha256') if isinstance(marker, dict) else None
+    if isinstance(recorded, str) and recorded != model_hash(resolved_model):
+      raise WorkdirError(f'--workdir={workdir} is a run of a different model: its {RUN_MARKER} records another '
+                         'model than this config\'s (and its config.json, which would name the difference, is '
+                         'missing or unreadable); resume with the run\'s model config, or use a new workdir')
+    return
+  diff = first_difference(old, resolved_model)
   if diff is not None:
     k, was, now = diff
     raise WorkdirError(f'--workdir={workdir} is a run of a different model: model.{k}={was!r} there, '

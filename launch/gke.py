@@ -84,6 +84,8 @@ def manifest(args) -> dict:
   is_tpu = bool(args.tpu_accelerator or args.tpu_topology)
   if is_tpu and not (args.tpu_accelerator and args.tpu_topology):
     raise common.LaunchError('TPU node pools need both --tpu_accelerator and --tpu_topology')
+  if args.gpus_per_node < 0:
+    raise common.LaunchError(f'--gpus_per_node={args.gpus_per_node} is invalid: expected an integer >= 0')
   if is_tpu and args.gpus_per_node:
     raise common.LaunchError('choose a TPU (--tpu_*) or a GPU (--gpus_per_node) node pool, not both')
   if args.num_slices < 1 or (args.num_slices > 1 and not is_tpu):

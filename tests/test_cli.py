@@ -252,8 +252,10 @@ def test_number_and_prompt_flag_checks():
   from types import SimpleNamespace as Flag
   from ecdit import errors
   from ecdit.commands import flags as cflags
-  with pytest.raises(errors.UsageError, match=r'^--cfg_scale=-3.0 is invalid: expected a number >= 0$'):
-    cflags.at_least(Flag(name='cfg_scale', value=-3.0), 0.0)
+  for bad in (-3.0, float('nan'), float('inf')):   # nan passes a plain `< 0` test; inf is no guidance scale
+    with pytest.raises(errors.UsageError, match=rf'^--cfg_scale={bad} is invalid: expected a finite number >= 0$'):
+      cflags.at_least(Flag(name='cfg_scale', value=bad), 0.0)
+  cflags.at_least(Flag(name='cfg_scale', value=0.0), 0.0)
   with pytest.raises(errors.UsageError, match=r'^--experts=-3 is invalid: expected an integer >= 1$'):
     cflags.at_least(Flag(name='experts', value=-3), 1)
   cflags.at_least(Flag(name='cfg_scale', value=None), 0.0)   # not given: the run's value

@@ -85,6 +85,21 @@ def test_interrupted_prepare_does_not_touch_existing_dataset(prepared, monkeypat
   assert tfds.builder_from_directory(str(path)).info.splits['train'].num_examples == 240
 
 
+def test_a_failed_write_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
+  """A full disk while tfds writes a split (its RuntimeError around the OS error): one PrepareError line naming
+  data.dir and the reason, exit status 1, no .incomplete-* folder left."""
+  def full(*args, **kwargs):
+    raise RuntimeError('Failed to finalize writing of split "train": write() failed: No space left on device; '
+                       'writing /x/shapes-train.array_record-00000-of-00001\nmore detail')
+  monkeypatch.setattr(tfds.core.GeneratorBasedBuilder, 'download_and_prepare', full)
+  with pytest.raises(prepare_lib.PrepareError, match=rf'^writing the dataset under data.dir={tmp_path} failed '
+                                                     r'\(Failed to finalize .*No space left on device; writing '
+                                                     r'/x/shapes-train.*\); the partial copy was removed') as e:
+    prepare_lib.prepare(tiny_cfg(tmp_path), verbose=False)
+  assert '\n' not in str(e.value) and e.value.exit_code == 1
+  assert list(tmp_path.iterdir()) == []
+
+
 def test_wrong_feature_shape_in_existing_dataset(prepared, tmp_path):
   cfg, path = prepared
   # Same dataset directory name, but the config now asks for 64x64 images.
@@ -111,6 +126,9 @@ def _cut(f, n):
 @pytest.mark.parametrize('damage,match', [
     (lambda d: _cut(d / 'shapes-train.array_record-00000-of-00001', 5000),
      r"1\.0\.0: the prepared dataset is damaged: a shard file of split 'train' cannot be read \(ArrayRecord file"),
+    (lambda d: _cut(d / 'shapes-train.array_record-00000-of-00001',   # records listed, their bytes gone
+                    (d / 'shapes-train.array_record-00000-of-00001').stat().st_size // 4),
+     r"damaged: a shard file of split 'train' cannot be read \(example should have type"),
     (lambda d: (d / 'shapes-validation.array_record-00000-of-00001').unlink(),
      r"damaged: a shard file of split 'validation' cannot be read \(open\(\) failed: No such file"),
     (lambda d: (d / 'dataset_info.json').write_bytes(b'\xcf\x80\xff{'), r'/dataset_info\.json is not valid JSON'),
@@ -118,7 +136,7 @@ def _cut(f, n):
     (lambda d: (d / 'dataset_info.json').write_text('[1, 2]'), r'1\.0\.0 is not a readable tfds dataset'),
     (lambda d: _cut(d / 'tokenizer_bpe128.model', 1000),
      r'/tokenizer_bpe128\.model is not a sentencepiece model \(1000 bytes: .*delete it and run `ecdit prepare'),
-], ids=['truncated_records', 'missing_records', 'garbage_info', 'truncated_features', 'wrong_info',
+], ids=['truncated_records', 'truncated_tail', 'missing_records', 'garbage_info', 'truncated_features', 'wrong_info',
         'truncated_tokenizer'])
 def test_damaged_dataset_is_one_data_error_naming_the_file(prepared, tmp_path, damage, match):
   from cli_util import snapshot

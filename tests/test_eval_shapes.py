@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+from ecdit import outputs
 from ecdit.data import shapes
 from ecdit.eval import detect, geneval_rules, shapes_eval
 
@@ -201,6 +202,7 @@ def test_run_eval_writes_json_and_failure_grid(tmp_path):
   assert saved['overall'] == 0.0 and set(saved['tags']) == set(shapes.TAGS)
   assert len(saved['records']) == 12 and len(saved['records'][0]['correct']) == 2
   assert (tmp_path / 'f.png').stat().st_size > 0
+  assert outputs.png_from_ecdit(tmp_path / 'f.png')   # ecdit's own: `ecdit eval` rerun with this --out replaces it
   with pytest.raises(ValueError, match='uint8'):
     shapes_eval.run_eval(records, lambda p, s: np.zeros((len(p), 32, 32, 3)), verbose=False)
 

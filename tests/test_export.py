@@ -249,6 +249,23 @@ def test_upcycle_rejects_architecture_change():
     upcycle_params(random_params(dense_cfg), dense_cfg, make_cfg(width=64), jax.random.key(0))
 
 
+def test_upcycle_refuses_a_non_dense_source_or_bad_target_from_the_config_alone():
+  """`ecdit upcycle` hands check_source to workdir.restore as `require`: refused before a checkpoint is read."""
+  from ecdit.config import experiment as config_lib
+  from ecdit.export.upcycle import check_source
+  from _train_util import tiny_config
+  cfg = tiny_config()
+  cfg.model.routing = 'dense'
+  check_source(cfg, config_lib.validate(cfg), {'routing': 'expert_choice', 'num_experts': 4})
+  assert cfg.model.routing == 'dense'   # the run's config is left as it was
+  with pytest.raises(ValueError, match=r"num_experts=0 is invalid"):
+    check_source(cfg, config_lib.validate(cfg), {'routing': 'expert_choice', 'num_experts': 0})
+  ec = tiny_config()
+  with pytest.raises(ValueError, match=r"^upcycle: the source run has model.routing='expert_choice'; expected a "
+                                       r"dense run"):
+    check_source(ec, config_lib.validate(ec), {'routing': 'expert_choice', 'num_experts': 4})
+
+
 # ---- bad input ----------------------------------------------------------------------------------------
 
 def _loaders():

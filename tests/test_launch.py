@@ -376,6 +376,8 @@ def test_gke_rejects_bad_input():
     gke.render(SimpleNamespace(**{**vars(_gke([])), 'name': EVIL}))
   with pytest.raises(common.LaunchError, match='both'):
     gke.render(_gke(['--tpu_topology=4x4']))
+  with pytest.raises(common.LaunchError, match=r'^--gpus_per_node=-1 is invalid: expected an integer >= 0$'):
+    gke.render(_gke(['--gpus_per_node=-1']))
   proc = subprocess.run([PY, str(LAUNCH / 'gke.py'), '--dry_run', f'--name={EVIL}', '--image=i', '--', 'x'],
                         capture_output=True, text=True, timeout=30)
   assert proc.returncode == 2 and 'error: --name' in proc.stderr

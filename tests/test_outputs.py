@@ -87,7 +87,16 @@ def test_run_marker_written_first_makes_a_run(tmp_path):
   assert marker['format'] == 'ecdit-run' and marker['format_version'] == 1
   (tmp_path / 'r' / 'config.json').unlink()   # killed between the two writes: still a run, so it resumes
   assert outputs.is_run(tmp_path / 'r')
-  outputs.check_train_workdir(tmp_path / 'r', {'width': 8})
+  outputs.check_train_workdir(tmp_path / 'r', {'width': 8, 'depth': (2, 3)})
+  # config.json gone or damaged, another model asked for: the marker's hash refuses it before training would
+  # rewrite the marker and config.json for that model (and only then find the checkpoints do not fit).
+  for damage in (lambda p: None, lambda p: p.write_text('{"name": "x", "resol')):
+    damage(tmp_path / 'r' / 'config.json')
+    before = snapshot(tmp_path)
+    with pytest.raises(outputs.WorkdirError, match=r'/r is a run of a different model: its ecdit_run.json records '
+                                                   r'another model than this config\'s'):
+      outputs.check_train_workdir(tmp_path / 'r', {'width': 16, 'depth': (2, 3)})
+    assert snapshot(tmp_path) == before
 
 
 def test_default_workdir_name_must_be_a_plain_name():
@@ -147,6 +156,14 @@ def test_a_foreign_run_config_is_one_workdir_error(tmp_path, text, got):
     workdir.load_run_config(tmp_path)
   assert str(e.value) == (f'{tmp_path}/config.json is not an ecdit run config (expected a JSON object whose model, '
                           f'train and data entries are objects{got})')
+
+
+def test_a_workdir_that_is_a_file_is_named_as_one(tmp_path):
+  from ecdit.train import workdir
+  (tmp_path / 'f').write_text('x')
+  with pytest.raises(outputs.WorkdirError, match=rf'^--workdir={tmp_path}/f is a file, not a training run '
+                                                 r'directory$'):
+    workdir.load_run_config(tmp_path / 'f')
 
 
 def test_train_workdir_and_data_dir_must_be_creatable(tmp_path):

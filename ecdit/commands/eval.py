@@ -64,6 +64,8 @@ def main(argv):
   cflags.no_arguments(argv)
   for f in (_N, _NUM_PROMPTS, _BATCH, _STEPS, _STEP):
     cflags.at_least(f, 1)
+  cflags.at_least(_MAX_FAILURES, 0)
+  cflags.at_least(_CFG_SCALE, 0.0)
   if _IMAGE_SIZE.value < 8:
     raise errors.UsageError(f'--image_size={_IMAGE_SIZE.value} is invalid: expected at least 8')
   if not _GROUND_TRUTH.value:

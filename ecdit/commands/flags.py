@@ -7,6 +7,7 @@ line, exit 2 at the `ecdit.cli` boundary) instead of absl's multi-line usage dum
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import re
 import sys
@@ -163,9 +164,11 @@ def require(*holders: flags.FlagHolder, why: str = '') -> None:
 
 
 def at_least(holder: flags.FlagHolder, minimum: int | float) -> None:
-  """A number flag, when given, is >= minimum (an integer flag: an int minimum; a float flag: a float one)."""
-  if holder.value is not None and holder.value < minimum:
-    kind = f'a number >= {minimum:g}' if isinstance(minimum, float) else f'an integer >= {minimum}'
+  """A number flag, when given, is >= minimum (an integer flag: an int minimum; a float flag: a float one, and
+  finite: nan would slip past a plain `<` test)."""
+  v = holder.value
+  if v is not None and (v < minimum or (isinstance(minimum, float) and not math.isfinite(v))):
+    kind = f'a finite number >= {minimum:g}' if isinstance(minimum, float) else f'an integer >= {minimum}'
     raise errors.UsageError(f'--{holder.name}={holder.value} is invalid: expected {kind}')
 
 

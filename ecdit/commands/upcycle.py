@@ -38,13 +38,14 @@ def main(argv):
     raise errors.UsageError('--workdir and --out are required')
   # The new workdir: absent or empty, outside every run, writable; checked before the dense run is read.
   out = outputs.check_output(_OUT.value, '--out', folder=True)
-  with cflags.translate(first_line=True):   # WorkdirError, ConfigError
-    run = workdir_lib.restore(_WORKDIR.value, ema=_EMA.value)
   overrides = {'routing': _ROUTING.value, 'num_experts': _EXPERTS.value}
   if _MOE_EVERY.value is not None:
     overrides['moe_every'] = _MOE_EVERY.value
   if _CAPACITY.value is not None:
     overrides['capacity_factor'] = _CAPACITY.value
+  with cflags.translate(first_line=True):   # WorkdirError, ConfigError; a source or target refused by value
+    run = workdir_lib.restore(_WORKDIR.value, ema=_EMA.value,
+                              require=lambda cfg, mcfg: upcycle.check_source(cfg, mcfg, overrides))
   source = {'workdir': str(Path(_WORKDIR.value).resolve()), 'step': run.step, 'ema': bool(_EMA.value)}
   with cflags.translate(first_line=True):   # a target model the dense run cannot become
     mcfg = upcycle.upcycle_workdir(run, out, overrides, seed=_SEED.value, source=source)

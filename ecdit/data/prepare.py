@@ -16,6 +16,7 @@ import time
 
 from absl import logging
 
+from ecdit import errors
 from ecdit.config import data as config_lib
 from ecdit.data import folder_builder, latents, reader, shapes_builder, tokenizer
 from ecdit.models.text_pretrained import load_text_encoder
@@ -81,6 +82,19 @@ def check_dataset(path: pathlib.Path, image_size: int | None = None) -> None:
     reader.data_source(path, split)
 
 
+class PrepareError(errors.RunError, RuntimeError):
+  """Writing a dataset failed (a full disk, a file system refusing a write); nothing half-written is kept."""
+
+
+def _write(builder, root: pathlib.Path) -> None:
+  """tfds' download_and_prepare; a failed write (tfds wraps the OS error in a RuntimeError) is one line."""
+  try:
+    builder.download_and_prepare()
+  except (OSError, RuntimeError) as e:
+    raise PrepareError(f'writing the dataset under data.dir={root} failed ({str(e).strip().splitlines()[0][:200]}); the partial '
+                       'copy was removed: free space there or choose another data.dir, then run again') from e
+
+
 def _build(data_cfg, final: pathlib.Path, verbose: bool) -> None:
   import tensorflow_datasets as tfds   # pylint: disable=import-outside-toplevel
   root = pathlib.Path(data_cfg.dir).expanduser()
@@ -95,12 +109,12 @@ def _build(data_cfg, final: pathlib.Path, verbose: bool) -> None:
       logging.set_verbosity(level)
     start = time.perf_counter()
     if verbose:
-      builder.download_and_prepare()
+      _write(builder, root)
     else:   # quiet: no progress bars, no tfds banner
       tfds.disable_progress_bar()
       try:
         with contextlib.redirect_stdout(io.StringIO()):
-          builder.download_and_prepare()
+          _write(builder, root)
       finally:
         tfds.enable_progress_bar()
     skipped = getattr(builder, 'skipped', [])

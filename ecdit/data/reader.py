@@ -59,6 +59,11 @@ def open_builder(dataset_dir: str | pathlib.Path, image_size: int | None = None)
   return builder
 
 
+# What reading a damaged record raises: array_record / riegeli (RuntimeError, OSError) for a corrupt or missing
+# file, tfds (ValueError) when a truncated shard hands back no bytes for a record it still lists.
+_UNREADABLE = (RuntimeError, OSError, ValueError)
+
+
 class Source:
   """A split's records (`len(src)`, `src[i]`, `src.__getitems__(keys)` → dicts of numpy values, text as bytes);
   a read the files refuse (truncated, overwritten, missing) raises DataError naming the dataset. Picklable,
@@ -77,13 +82,13 @@ class Source:
   def __getitem__(self, key):
     try:
       return self._inner[key]
-    except (RuntimeError, OSError) as e:   # array_record / riegeli: truncated, corrupt or missing file
+    except _UNREADABLE as e:   # array_record / riegeli / tfds: truncated, corrupt or missing file
       raise self._damaged(e, f'record {key}') from e
 
   def __getitems__(self, keys: Sequence[int]):
     try:
       return self._inner.__getitems__(keys)
-    except (RuntimeError, OSError) as e:
+    except _UNREADABLE as e:
       raise self._damaged(e, f'records {min(keys)} to {max(keys)}' if len(keys) else 'a record') from e
 
   def check(self) -> None:
@@ -99,7 +104,7 @@ class Source:
       return
     try:
       self._inner.__getitems__(sorted(set(starts) | {len(self) - 1}))
-    except (RuntimeError, OSError) as e:
+    except _UNREADABLE as e:
       raise self._damaged(e, 'a shard file') from e
 
 

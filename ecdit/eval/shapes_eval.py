@@ -211,10 +211,8 @@ def failure_grid(records, images_per_record, results, path, *, max_images: int =
     lines += [(t, (180, 0, 0)) for t in textwrap.wrap(why[0] if why else '', width)[:4 - len(lines)]]
     for k, (t, color) in enumerate(lines):
       draw.text((x, y + cell + 1 + 11 * k), t, fill=color)
-  path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  canvas.save(path)
-  return path
+  # Marked as ecdit's (sampler.save_png), so a rerun with the same --out may replace it.
+  return sampler_lib.save_png(np.asarray(canvas), path)
 
 
 def generate_images(records: Sequence[dict], generate: Generator, *, images_per_prompt: int = 4,

@@ -40,6 +40,18 @@ def check_compatible(dense_cfg: ModelConfig, moe_cfg: ModelConfig) -> None:
     raise ValueError("upcycle: the target model.routing is 'dense'; expected 'expert_choice' or 'token_choice'")
 
 
+def check_source(cfg, dense_cfg: ModelConfig, overrides: dict) -> None:
+  """From the run's config alone (before its checkpoint is read): the source is dense and `overrides` make a
+  valid MoE target of it; ValueError otherwise."""
+  if dense_cfg.routing != 'dense':
+    raise ValueError(f'upcycle: the source run has model.routing={dense_cfg.routing!r}; expected a dense run '
+                     "(model.routing='dense') whose FFNs are copied into the experts")
+  target = cfg.copy_and_resolve_references()
+  for k, v in overrides.items():
+    target.model[k] = v
+  check_compatible(dense_cfg, config_lib.validate(target))
+
+
 def upcycle_params(dense_params, dense_cfg: ModelConfig, moe_cfg: ModelConfig, rng: jax.Array) -> dict:
   """Unboxed MoE params for `moe_cfg` from (boxed or unboxed) dense params of `dense_cfg` (either stack layout;
   the result has `moe_cfg`'s)."""

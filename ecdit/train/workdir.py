@@ -75,6 +75,8 @@ def _train_hint(workdir) -> str:
 def load_run_config(workdir: str | Path):
   """The run's ConfigDict from `<workdir>/config.json` (resolved model included, as trained)."""
   workdir = Path(workdir)
+  if workdir.exists() and not workdir.is_dir():
+    raise WorkdirError(f'--workdir={workdir} is a file, not a training run directory')
   if not workdir.is_dir():
     raise WorkdirError(f'--workdir={workdir} does not exist, so no config.json there ({_train_hint(workdir)})')
   path = workdir / 'config.json'
