@@ -204,6 +204,8 @@ def test_cli_prepare_command(tmp_path):
   run = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
   assert run.returncode == 0, run.stderr
   assert 'train 30, validation 6, eval_prompts 6 examples' in run.stdout
-  bad = subprocess.run(cmd + ['--config.data.name=image_text_folder', f'--config.data.source_dir={tmp_path}/nope'],
+  # Overrides apply to the default experiment too (no --config given).
+  bad = subprocess.run(cmd[:-1] + ['--config.data.name=image_text_folder', f'--config.data.source_dir={tmp_path}/nope',
+                                   f'--config.data.dir={tmp_path / "data2"}'],
                        capture_output=True, text=True, timeout=120)
   assert bad.returncode != 0 and 'nope' in bad.stderr and 'does not exist' in bad.stderr
