@@ -78,6 +78,16 @@ def test_train_refuses_a_resume_past_num_steps_and_damaged_data_before_writing(t
       loop.train(cfg, workdir, progress=False, data_fn=damaged, devices=jax.devices()[:1])
   assert snapshot(tmp_path) == before
 
+  # Every checkpoint unreadable: the one-line CheckpointError comes before config.json is rewritten (it would
+  # say train.num_steps=6); the damaged step is moved aside, as training does.
+  from _train_util import data_fn
+  from ecdit.train import checkpoint as ckpt_lib
+  config = (run / 'config.json').read_text()
+  cfg.train.num_steps = 6
+  with pytest.raises(ckpt_lib.CheckpointError, match=r'unreadable \(tried steps 4'):
+    loop.train(cfg, run, progress=False, data_fn=data_fn(), devices=jax.devices()[:1])
+  assert (run / 'config.json').read_text() == config
+
 
 def test_run_marker_written_first_makes_a_run(tmp_path):
   from ecdit.train import loop

@@ -206,8 +206,6 @@ def train(cfg, workdir: str | Path, *, progress: bool = True, data_fn=None, devi
   decode = frozen.decoder(cfg.data)   # latents -> pixels for previews (data.vae_dir)
   encode_text = frozen.text_step(cfg.data, setup.mesh)   # data.precompute_text=False: encoder in the loop
   workdir.mkdir(parents=True, exist_ok=True)   # every process saves its checkpoint shards here
-  if main_process:
-    write_run_config(workdir, resolved)
   ckpt = ckpt_lib.Checkpointer(workdir, keep=t.keep_checkpoints, use_async=t.async_checkpoints)
 
   def check_data(data_state, step):   # a bad data-iterator state makes its checkpoint unreadable (fallback)
@@ -224,6 +222,8 @@ def train(cfg, workdir: str | Path, *, progress: bool = True, data_fn=None, devi
       state, data_state, start = restored
       data_iter.set_state(data_state)
       print(f'resuming {cfg.name} from checkpoint step {start} in {ckpt.directory}', flush=True)
+    if main_process:   # only once a checkpoint restored (or there was none): all damaged leaves it as it was
+      write_run_config(workdir, resolved)
     writer = MetricsWriter(workdir, start_step=start, enabled=main_process)
     sampler = sampler_lib.from_config(setup.model, cfg.sample, clip=decode is None)
   except BaseException:
