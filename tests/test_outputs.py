@@ -216,3 +216,18 @@ def test_writability_is_tried_not_assumed(tmp_path, monkeypatch):
   outputs.check_output(tmp_path / 'new' / 'grid.png', '--out')
   outputs.check_train_workdir(tmp_path / 'out', {})
   assert snapshot(tmp_path) == before
+
+
+def test_train_refuses_a_batch_larger_than_host_memory_before_anything(tmp_path):
+  from ecdit.config import experiment as config_lib
+  from ecdit.train import loop
+  cfg = tiny_config()
+  cfg.train.batch_size = 10**12
+  with pytest.raises(config_lib.ConfigError, match=r'^train.batch_size=1000000000000 is too large: one batch of '
+                                                   r'1000000000000 examples per process needs .* GiB of host memory'):
+    loop.train(cfg, tmp_path / 'run', progress=False)
+  assert list(tmp_path.iterdir()) == []
+  mcfg = config_lib.validate(cfg)   # 16x16x3 float32 pixels + 32 int32 ids and mask bytes: 3232 bytes
+  loop.check_batch_fits_host(cfg, mcfg, processes=1000, memory=3232 * 10**9)   # a share per process
+  with pytest.raises(config_lib.ConfigError, match=r'expected at most 1000 per process$'):
+    loop.check_batch_fits_host(cfg, mcfg, memory=3232 * 1000)

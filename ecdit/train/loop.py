@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -175,6 +176,32 @@ def check_resume_within_num_steps(workdir: Path, num_steps: int) -> None:
         f'with --config.train.num_steps={max(steps)} or more, or use a new workdir')
 
 
+def host_memory_bytes() -> int | None:
+  """This machine's physical memory (None where the OS does not say)."""
+  try:
+    return os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
+  except (ValueError, OSError, AttributeError):
+    return None
+
+
+def check_batch_fits_host(cfg, mcfg, processes: int = 1, memory: int | None = None) -> None:
+  """One process's share of train.batch_size, as the float32 `x0` and the text arrays of one batch (the
+  least the pipeline holds on the host), must fit in the host's physical memory: a larger one would only hang
+  or be killed in the pipeline or the compile. ConfigError naming the key, the bytes and the limit."""
+  memory = host_memory_bytes() if memory is None else memory
+  if not memory:
+    return
+  per_process = -(-cfg.train.batch_size // max(1, processes))
+  text = mcfg.text_length * (4 * (mcfg.text_states_dim if mcfg.text_encoder == 'precomputed' else 1) + 1)
+  example = mcfg.image_size ** 2 * mcfg.in_channels * 4 + text
+  need = per_process * example
+  if need > memory:
+    raise config_lib.ConfigError(
+        f'train.batch_size={cfg.train.batch_size} is too large: one batch of {per_process} examples per process '
+        f'needs {need / 2**30:.1f} GiB of host memory for its arrays alone ({example} bytes each), more than '
+        f'this machine\'s {memory / 2**30:.1f} GiB; expected at most {memory // example} per process')
+
+
 def train(cfg, workdir: str | Path, *, progress: bool = True, data_fn=None, devices=None) -> dict:
   """Trains `cfg` in `workdir`, resuming from its latest readable checkpoint. Returns a summary dict.
 
@@ -185,6 +212,7 @@ def train(cfg, workdir: str | Path, *, progress: bool = True, data_fn=None, devi
   wall = Timer()
   workdir = Path(workdir)
   mcfg = config_lib.validate(cfg)
+  check_batch_fits_host(cfg, mcfg, jax.process_count())
   resolved = resolved_config(cfg, mcfg)
   # Nothing is written before the workdir is known to be new, empty or a run of this very model.
   check_layout_matches_run(workdir, mcfg, cfg.train)
