@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -15,6 +14,7 @@ from absl import logging
 
 from ecdit import outputs
 from ecdit import parallel
+from ecdit.parallel import checks
 from ecdit.config import experiment as config_lib
 from ecdit.data import batch as batch_lib
 from ecdit.data import pipeline, prepare
@@ -176,19 +176,11 @@ def check_resume_within_num_steps(workdir: Path, num_steps: int) -> None:
         f'with --config.train.num_steps={max(steps)} or more, or use a new workdir')
 
 
-def host_memory_bytes() -> int | None:
-  """This machine's physical memory (None where the OS does not say)."""
-  try:
-    return os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
-  except (ValueError, OSError, AttributeError):
-    return None
-
-
 def check_batch_fits_host(cfg, mcfg, processes: int = 1, memory: int | None = None) -> None:
   """One process's share of train.batch_size, as the float32 `x0` and the text arrays of one batch (the
   least the pipeline holds on the host), must fit in the host's physical memory: a larger one would only hang
   or be killed in the pipeline or the compile. ConfigError naming the key, the bytes and the limit."""
-  memory = host_memory_bytes() if memory is None else memory
+  memory = checks.host_memory_bytes() if memory is None else memory
   if not memory:
     return
   per_process = -(-cfg.train.batch_size // max(1, processes))
