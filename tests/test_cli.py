@@ -266,6 +266,20 @@ def test_number_and_prompt_flag_checks():
       cflags.prompt_list(Flag(name='prompts', value=empty), 'c')
 
 
+def test_image_counts_are_bounded_before_a_checkpoint_is_read():
+  from ecdit import errors
+  from ecdit.diffusion import sampler
+  from ecdit.eval import shapes_eval
+  sampler.check_image_count(4, 1024)
+  with pytest.raises(errors.UsageError, match=r'^--repeat=100000000 with 4 prompt\(s\) asks for 400000000 images: '
+                                              r'expected at most 4096 per call \(1024 per prompt here\)$'):
+    sampler.check_image_count(4, 10**8)
+  shapes_eval.check_image_count(16384, 4)
+  with pytest.raises(ValueError, match=r'^3 records in --prompts=p.jsonl with --images_per_prompt=30000 asks for '
+                                       r'90000 images: expected at most 65536'):
+    shapes_eval.check_image_count(3, 30000, '3 records in --prompts=p.jsonl')
+
+
 @pytest.mark.parametrize('args,line', [
     (['params', '--size=XL', '--experts=-3'], '--experts=-3 is invalid: expected an integer >= 1'),
     (['bench', 'profile', '--batch=0'], '--batch=0 is invalid: expected an integer >= 1'),
@@ -274,6 +288,9 @@ def test_number_and_prompt_flag_checks():
     # checked before the workdir (which does not exist) is read
     (['sample', '--workdir=/nonexistent/run', '--prompts='],
      "--prompts='' holds no prompt: expected a ';'-separated list"),
+    (['eval', '--workdir=/nonexistent/run', '--num_prompts=100000000'],   # not even a prompt generated
+     '--num_prompts=100000000 with --images_per_prompt=4 asks for 400000000 images: expected at most 65536 per '
+     'evaluation'),
 ])
 def test_nonsense_flags_are_one_line_before_any_work(args, line):
   r = ecdit(*args)

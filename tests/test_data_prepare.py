@@ -134,10 +134,12 @@ def _cut(f, n):
     (lambda d: (d / 'dataset_info.json').write_bytes(b'\xcf\x80\xff{'), r'/dataset_info\.json is not valid JSON'),
     (lambda d: _cut(d / 'features.json', 100), r'/features\.json is not valid JSON \(Unterminated string'),
     (lambda d: (d / 'dataset_info.json').write_text('[1, 2]'), r'1\.0\.0 is not a readable tfds dataset'),
+    (lambda d: (d / 'dataset_info.json').unlink(),   # not rebuilt over: tfds would fail on the non-empty folder
+     r'/dataset_info\.json is missing but .*1\.0\.0 holds other files: the prepared dataset is damaged'),
     (lambda d: _cut(d / 'tokenizer_bpe128.model', 1000),
      r'/tokenizer_bpe128\.model is not a sentencepiece model \(1000 bytes: .*delete it and run `ecdit prepare'),
 ], ids=['truncated_records', 'truncated_tail', 'missing_records', 'garbage_info', 'truncated_features', 'wrong_info',
-        'truncated_tokenizer'])
+        'deleted_info', 'truncated_tokenizer'])
 def test_damaged_dataset_is_one_data_error_naming_the_file(prepared, tmp_path, damage, match):
   from cli_util import snapshot
   cfg, copy = _copy_of(prepared, tmp_path)
@@ -202,6 +204,8 @@ def test_cli_prepare_command(tmp_path):
   run = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
   assert run.returncode == 0, run.stderr
   assert 'train 30, validation 6, eval_prompts 6 examples' in run.stdout
-  bad = subprocess.run(cmd + ['--config.data.name=image_text_folder', f'--config.data.source_dir={tmp_path}/nope'],
+  # Overrides apply to the default experiment too (no --config given).
+  bad = subprocess.run(cmd[:-1] + ['--config.data.name=image_text_folder', f'--config.data.source_dir={tmp_path}/nope',
+                                   f'--config.data.dir={tmp_path / "data2"}'],
                        capture_output=True, text=True, timeout=120)
   assert bad.returncode != 0 and 'nope' in bad.stderr and 'does not exist' in bad.stderr

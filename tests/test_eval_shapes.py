@@ -237,6 +237,8 @@ def test_malformed_lines_name_the_line(tmp_path, line, needle):
 def test_missing_or_empty_files_and_workdirs(tmp_path):
   with pytest.raises(ValueError, match='does not exist'):
     geneval_rules.read_records(tmp_path / 'nope.jsonl')
+  with pytest.raises(ValueError, match=f'^prompts file {tmp_path} is a directory: expected a GenEval metadata JSONL'):
+    geneval_rules.read_records(tmp_path)
   (tmp_path / 'empty.jsonl').write_text('\n')
   with pytest.raises(ValueError, match='no records'):
     geneval_rules.read_records(tmp_path / 'empty.jsonl')

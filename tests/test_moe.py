@@ -380,3 +380,10 @@ def test_bench_routing_refuses_bad_flags_before_measuring():
       bench_routing.check_args(**{**good, **change})
   with pytest.raises(ValueError, match='^--tokens=0'):   # run() checks first, instead of 0 meaning the default
     bench_routing.run(tokens=0, log=lambda s: pytest.fail(f'measured: {s}'))
+  # More experts than a group's tokens, or than memory holds: refused before anything is allocated.
+  with pytest.raises(ValueError, match=r'^--experts=100000000 is invalid: expected at most 256, the tokens of the '
+                                       r'smallest routing group \(--group_sizes=256,1024,4096\)'):
+    bench_routing.run(quick=True, experts=(8, 10**8), log=lambda s: pytest.fail(f'measured: {s}'))
+  with pytest.raises(ValueError, match=r'^--experts=256 is invalid: its expert weights and gradients at d=64 need '
+                                       r'0\.1 GiB, more than this machine\'s 0\.0 GiB of memory$'):
+    bench_routing.check_args(**{**good, 'experts': (256,)}, width=64, memory=2**20)

@@ -78,6 +78,16 @@ def test_train_refuses_a_resume_past_num_steps_and_damaged_data_before_writing(t
       loop.train(cfg, workdir, progress=False, data_fn=damaged, devices=jax.devices()[:1])
   assert snapshot(tmp_path) == before
 
+  # Every checkpoint unreadable: the one-line CheckpointError comes before config.json is rewritten (it would
+  # say train.num_steps=6); the damaged step is moved aside, as training does.
+  from _train_util import data_fn
+  from ecdit.train import checkpoint as ckpt_lib
+  config = (run / 'config.json').read_text()
+  cfg.train.num_steps = 6
+  with pytest.raises(ckpt_lib.CheckpointError, match=r'unreadable \(tried steps 4'):
+    loop.train(cfg, run, progress=False, data_fn=data_fn(), devices=jax.devices()[:1])
+  assert (run / 'config.json').read_text() == config
+
 
 def test_run_marker_written_first_makes_a_run(tmp_path):
   from ecdit.train import loop
@@ -206,3 +216,18 @@ def test_writability_is_tried_not_assumed(tmp_path, monkeypatch):
   outputs.check_output(tmp_path / 'new' / 'grid.png', '--out')
   outputs.check_train_workdir(tmp_path / 'out', {})
   assert snapshot(tmp_path) == before
+
+
+def test_train_refuses_a_batch_larger_than_host_memory_before_anything(tmp_path):
+  from ecdit.config import experiment as config_lib
+  from ecdit.train import loop
+  cfg = tiny_config()
+  cfg.train.batch_size = 10**12
+  with pytest.raises(config_lib.ConfigError, match=r'^train.batch_size=1000000000000 is too large: one batch of '
+                                                   r'1000000000000 examples per process needs .* GiB of host memory'):
+    loop.train(cfg, tmp_path / 'run', progress=False)
+  assert list(tmp_path.iterdir()) == []
+  mcfg = config_lib.validate(cfg)   # 16x16x3 float32 pixels + 32 int32 ids and mask bytes: 3232 bytes
+  loop.check_batch_fits_host(cfg, mcfg, processes=1000, memory=3232 * 10**9)   # a share per process
+  with pytest.raises(config_lib.ConfigError, match=r'expected at most 1000 per process$'):
+    loop.check_batch_fits_host(cfg, mcfg, memory=3232 * 1000)

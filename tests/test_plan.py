@@ -125,3 +125,11 @@ def test_search_plans_the_first_candidates_best_first(monkeypatch):
   assert 'planned 2 of 45' in text and 'best: --config.mesh.data=2 --config.mesh.fsdp=1 --config.mesh.expert=4' in text
   with pytest.raises(ValueError, match='--search_limit=0'):
     mesh_search.search(planned_config(True), devices=jax.devices()[:8], chip='v5e', limit=0)
+
+
+def test_a_device_count_no_mesh_could_use_is_refused_before_devices_exist():
+  c = tiny_config()   # batch 8 over data·fsdp·expert, 2 heads over model: at most 16 devices
+  plan.check_device_count(c, 16)
+  with pytest.raises(ValueError, match=r'^--devices=17 is more than any mesh can use: at most train.batch_size=8 '
+                                       r'over data, fsdp and expert times model.num_heads=2 over model = 16$'):
+    plan.check_device_count(c, 17)

@@ -36,6 +36,18 @@ _DTYPE_BYTES = {'pred': 1, 's8': 1, 'u8': 1, 'bf16': 2, 'f16': 2, 's16': 2, 'u16
                 'u32': 4, 'f64': 8, 's64': 8, 'u64': 8}
 
 
+def check_device_count(cfg, devices: int) -> None:
+  """ValueError unless some mesh could use `devices`: the batch axes (data, fsdp, expert) split the global
+  batch, so their product is at most train.batch_size, and the 'model' axis divides the attention heads, so it
+  is at most model.num_heads. Checked before any device is created."""
+  mcfg = config_lib.validate(cfg)
+  most = cfg.train.batch_size * mcfg.num_heads
+  if devices > most:
+    raise ValueError(f'--devices={devices} is more than any mesh can use: at most train.batch_size='
+                     f'{cfg.train.batch_size} over data, fsdp and expert times model.num_heads={mcfg.num_heads} '
+                     f'over model = {most}')
+
+
 def abstract_batch(mcfg, global_batch: int, mesh) -> dict[str, jax.ShapeDtypeStruct]:
   """The `ecdit.data.batch` step arrays as sharded ShapeDtypeStructs."""
   sh = parallel.batch_sharding(mesh)

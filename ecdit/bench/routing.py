@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from ecdit.bench.timing import time_interleaved
 from ecdit.config.model import ModelConfig
 from ecdit.layers import moe
+from ecdit.parallel import checks
 
 IMAGE_TOKENS = 256  # a 32×32 latent with 2×2 patches; groups of S > 256 span S/256 images
 
@@ -46,8 +47,12 @@ def _config(experts: int, group: int, backend: str, width: int) -> ModelConfig:
                      moe_backend=backend, **scope).validate()
 
 
-def check_args(tokens: int, reps: int, warmup: int, experts: Sequence[int], groups: Sequence[int]) -> None:
-  """The flags of `ecdit bench routing`, each named with what it must be."""
+def check_args(tokens: int, reps: int, warmup: int, experts: Sequence[int], groups: Sequence[int],
+               width: int = 384, memory: int | None = None) -> None:
+  """The flags of `ecdit bench routing`, each named with what it must be. An expert count is bounded by the
+  smallest routing group (each expert chooses its C = S·f_c/E tokens within a group of S: more experts than
+  tokens leaves them empty-handed) and by host memory (`memory`, default this machine's: the experts' float32
+  weights and their gradients), before anything is allocated."""
   if tokens < IMAGE_TOKENS or tokens % IMAGE_TOKENS:
     raise ValueError(f'--tokens={tokens} is invalid: expected a positive multiple of {IMAGE_TOKENS}')
   if reps < 1 or warmup < 0:
@@ -58,6 +63,15 @@ def check_args(tokens: int, reps: int, warmup: int, experts: Sequence[int], grou
   if bad or not groups:
     raise ValueError(f'--group_sizes={",".join(map(str, groups))} is invalid: expected multiples of '
                      f'{IMAGE_TOKENS} dividing --tokens={tokens}')
+  most = max(experts)
+  if most > min(groups):
+    raise ValueError(f'--experts={most} is invalid: expected at most {min(groups)}, the tokens of the smallest '
+                     f'routing group (--group_sizes={",".join(map(str, groups))}) each expert chooses from')
+  memory = checks.host_memory_bytes() if memory is None else memory
+  need = 2 * most * 2 * width * 4 * width * 4   # w_in and w_out of every expert, float32, and their gradients
+  if memory and need > memory:
+    raise ValueError(f'--experts={most} is invalid: its expert weights and gradients at d={width} need '
+                     f'{need / 2**30:.1f} GiB, more than this machine\'s {memory / 2**30:.1f} GiB of memory')
 
 
 def measure(experts: int, group: int, tokens: int, width: int, warmup: int, reps: int,
@@ -105,7 +119,7 @@ def run(quick: bool = False, tokens: int | None = None, reps: int | None = None,
   ValueError (check_args) before anything is measured."""
   tokens = (4096 if quick else 16384) if tokens is None else tokens
   reps = 5 if reps is None else reps
-  check_args(tokens, reps, warmup, experts, groups)
+  check_args(tokens, reps, warmup, experts, groups, width)
   log(f'bench routing: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}; '
       f'{tokens} tokens per step, d={width}, hidden={4 * width}, f_c=2, float32, expert choice; '
       f'fwd+bwd median of {reps} after {warmup} warm-up')

@@ -26,7 +26,8 @@ _PROMPTS = flags.DEFINE_string('prompts', None, 'GenEval metadata JSONL (default
 _OUT = flags.DEFINE_string('out', None, 'results JSON (default <workdir or .>/eval/<step_N|ground_truth>.json)')
 _GROUND_TRUTH = flags.DEFINE_bool('ground_truth', False, 'render the prompts with the shapes world, no model')
 _WORKDIR = cflags.define_workdir('training run directory (needed unless --ground_truth)')
-_N = flags.DEFINE_integer('images_per_prompt', 4, 'images generated and scored per prompt')
+_N = flags.DEFINE_integer('images_per_prompt', 4, 'images generated and scored per prompt (prompts x images at '
+                          f'most {shapes_eval.MAX_IMAGES})')
 _NUM_PROMPTS = flags.DEFINE_integer('num_prompts', 120, 'prompts to generate when --prompts is not given')
 _PROMPT_SEED = flags.DEFINE_integer('prompt_seed', 0, 'seed of the generated prompts (without --prompts)')
 _SEED = flags.DEFINE_integer('seed', 0, 'image seed (batch b uses seed + b)')
@@ -73,7 +74,12 @@ def main(argv):
   base = Path(_WORKDIR.value or '.') / 'eval'
   if _OUT.value:   # the default name needs the run's step: checked once it is known, before any sampling
     _check_outputs(Path(_OUT.value))
-  records = _records()
+  with cflags.translate():   # every image is kept for scoring: a bounded count, before prompts or a restore
+    if not _PROMPTS.value:
+      shapes_eval.check_image_count(_NUM_PROMPTS.value, _N.value)
+    records = _records()
+    if _PROMPTS.value:
+      shapes_eval.check_image_count(len(records), _N.value, f'{len(records)} records in --prompts={_PROMPTS.value}')
 
   extra = {'prompts': _PROMPTS.value or f'shapes eval_prompts (num={_NUM_PROMPTS.value}, '
                                          f'seed={_PROMPT_SEED.value})'}

@@ -37,6 +37,8 @@ def main(argv):
   with cflags.translate():
     chips.chip(_CHIP.value)   # an unknown chip fails before anything is built
   cfg = cflags.config_value(_CONFIG)
+  with cflags.translate():   # a count no mesh of this model and batch could use, before devices are created
+    plan.check_device_count(cfg, _DEVICES.value)
   # Before the CPU backend starts (nothing above touched a device): N simulated devices.
   jax.config.update('jax_num_cpu_devices', _DEVICES.value)
   devices = jax.devices('cpu')

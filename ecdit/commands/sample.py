@@ -27,7 +27,8 @@ _SAMPLER = flags.DEFINE_enum('sampler', None, ['euler', 'heun'], 'ODE solver (de
 _SEED = flags.DEFINE_integer('seed', None, 'noise seed (default: sample.seed)')
 _EMA = flags.DEFINE_bool('ema', True, 'use the EMA weights')
 _STEP = flags.DEFINE_integer('step', None, 'the checkpoint step to sample (default: the newest readable one)')
-_REPEAT = flags.DEFINE_integer('repeat', 1, 'images per prompt (one row per prompt)')
+_REPEAT = flags.DEFINE_integer('repeat', 1, 'images per prompt (one row per prompt); at most '
+                               f'{sampler_lib.MAX_IMAGES} images (prompts x repeat) per call')
 
 
 def main(argv):
@@ -48,6 +49,7 @@ def main(argv):
   with cflags.translate():   # WorkdirError, ConfigError
     cfg = workdir_lib.load_run_config(workdir)
     prompts = given or cflags.prompt_list(_PROMPTS, cfg.sample.prompts)
+    sampler_lib.check_image_count(len(prompts), _REPEAT.value)   # before the checkpoint is read
     run = workdir_lib.restore(workdir, ema=_EMA.value, step=_STEP.value)
   step, seed = run.step, cfg.sample.seed if _SEED.value is None else _SEED.value
   out = check_out(Path(_OUT.value) if _OUT.value else workdir / 'samples' / f'sample_{step:07d}.png')

@@ -65,6 +65,16 @@ def dataset_dir(data_cfg) -> pathlib.Path:
   return latents.encoded_dataset_dir_from_paths(raw, **settings)
 
 
+def check_not_damaged(path: pathlib.Path) -> None:
+  """A dataset folder that holds files but no dataset_info.json is a damaged copy (its metadata deleted), not a
+  missing one: rebuilding over it would fail on the non-empty folder, so it is a DataError and nothing is
+  touched (the user deletes it)."""
+  if (path / 'dataset_info.json').is_file() or not path.is_dir() or not any(path.iterdir()):
+    return
+  raise reader.DataError(f'{path / "dataset_info.json"} is missing but {path} holds other files: the prepared '
+                         f'dataset is damaged; {reader.remake_hint(path)}')
+
+
 def _size_bytes(path: pathlib.Path) -> int:
   return sum(p.stat().st_size for p in path.iterdir() if p.is_file())
 
@@ -138,6 +148,7 @@ def _build(data_cfg, final: pathlib.Path, verbose: bool) -> None:
 def prepare(data_cfg, *, verbose: bool = True) -> pathlib.Path:
   """Makes sure the dataset and its tokenizer exist; returns the dataset directory. Idempotent."""
   final = imported_dataset_dir(data_cfg)
+  check_not_damaged(final)
   if (final / 'dataset_info.json').is_file():
     check_dataset(final, data_cfg.image_size)   # wrong feature shape, damaged files → one clear error
   else:
@@ -169,6 +180,7 @@ def load_or_train_tokenizer(data_cfg) -> tokenizer.Tokenizer:
 def _precompute(data_cfg, imported: pathlib.Path, settings: dict, verbose: bool) -> pathlib.Path:
   """Encodes the imported dataset's images (VAE) and/or captions (text encoder) into its encoded copy."""
   expected = dataset_dir(data_cfg)
+  check_not_damaged(expected)
   if (expected / 'dataset_info.json').is_file():
     check_dataset(expected)
     return expected   # done before: do not even load the weights

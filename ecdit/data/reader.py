@@ -24,7 +24,7 @@ class DataError(errors.RunError, ValueError):
   """A prepared dataset or tokenizer file that cannot be read; the message names the file and how to fix it."""
 
 
-def _remake_hint(path: pathlib.Path | None = None) -> str:
+def remake_hint(path: pathlib.Path | None = None) -> str:
   """How to rebuild a damaged prepared dataset (`path`: its folder; None: the one the message names)."""
   return f'delete {path or "that folder"} and run `ecdit prepare` with the same config to rebuild it'
 
@@ -43,17 +43,17 @@ def open_builder(dataset_dir: str | pathlib.Path, image_size: int | None = None)
   for name in METADATA_FILES:   # tfds would fail on these with a protobuf / JSON traceback
     file = path / name
     if not file.is_file():
-      raise DataError(f'{file} is missing: the prepared dataset is incomplete; {_remake_hint(path)}')
+      raise DataError(f'{file} is missing: the prepared dataset is incomplete; {remake_hint(path)}')
     try:
       json.loads(file.read_text('utf-8'))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
       raise DataError(f'{file} is not valid JSON ({_reason(e)}): the prepared dataset is damaged; '
-                      f'{_remake_hint(path)}') from e
+                      f'{remake_hint(path)}') from e
   try:
     builder = tfds.builder_from_directory(str(path))
   except (json_format.ParseError, ValueError, KeyError, TypeError, AttributeError) as e:
     raise DataError(f'{path} is not a readable tfds dataset ({type(e).__name__}: {_reason(e)}); '
-                    f'{_remake_hint(path)}') from e
+                    f'{remake_hint(path)}') from e
   if image_size is not None:
     features_lib.check_features(builder.info.features, image_size, path)
   return builder
@@ -77,7 +77,7 @@ class Source:
 
   def _damaged(self, e: BaseException, what: str) -> DataError:
     return DataError(f'{self.dataset_dir}: the prepared dataset is damaged: {what} of split {self.split!r} cannot '
-                     f'be read ({_reason(e)}); {_remake_hint()}')
+                     f'be read ({_reason(e)}); {remake_hint()}')
 
   def __getitem__(self, key):
     try:

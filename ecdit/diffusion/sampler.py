@@ -15,10 +15,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ecdit import errors
 from ecdit import outputs
 from ecdit.models import ecdit as ecdit_model
 
 SAMPLERS = ('euler', 'heun')
+# Images one `ecdit sample` call draws into its grid (prompts x --repeat): all are held in memory at once.
+MAX_IMAGES = 4096
 
 
 def guided_velocity(apply_fn, params, x, t, ids, mask, null_ids, null_mask, cfg_scale: float,
@@ -167,6 +170,13 @@ def sample_prompts(sampler, params, tokenizer, prompts: list[str], seed: int, de
 
 def to_uint8(x: np.ndarray) -> np.ndarray:
   return np.clip(np.round((np.asarray(x, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def check_image_count(prompts: int, repeat: int) -> None:
+  """UsageError unless prompts x repeat images fit one grid (MAX_IMAGES): checked before a checkpoint is read."""
+  if prompts * repeat > MAX_IMAGES:
+    raise errors.UsageError(f'--repeat={repeat} with {prompts} prompt(s) asks for {prompts * repeat} images: '
+                            f'expected at most {MAX_IMAGES} per call ({max(1, MAX_IMAGES // prompts)} per prompt here)')
 
 
 def make_grid(images: np.ndarray, cols: int | None = None, pad: int = 2, scale: int = 1) -> np.ndarray:

@@ -84,6 +84,8 @@ def validate_record(rec: Any, where: str = 'record') -> dict:
 def read_records(path: str | Path) -> list[dict]:
   """Reads a GenEval metadata JSONL file; blank lines are skipped, any bad line is a ValueError naming it."""
   path = Path(path)
+  if path.is_dir():
+    raise ValueError(f'prompts file {path} is a directory: expected a GenEval metadata JSONL file')
   if not path.is_file():
     raise ValueError(f'prompts file {path} does not exist')
   records = []

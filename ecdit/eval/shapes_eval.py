@@ -236,6 +236,18 @@ def generate_images(records: Sequence[dict], generate: Generator, *, images_per_
   return [flat[i * images_per_prompt:(i + 1) * images_per_prompt] for i in range(len(records))]
 
 
+# Images one evaluation generates and keeps for scoring (records x images per prompt): held in memory at once.
+MAX_IMAGES = 65536
+
+
+def check_image_count(prompts: int, images_per_prompt: int, what: str | None = None) -> None:
+  """ValueError unless prompts x images_per_prompt stays within MAX_IMAGES (before any prompt is generated or
+  checkpoint read); `what` names where the prompt count came from (default --num_prompts)."""
+  if prompts * images_per_prompt > MAX_IMAGES:
+    raise ValueError(f'{what or f"--num_prompts={prompts}"} with --images_per_prompt={images_per_prompt} asks for '
+                     f'{prompts * images_per_prompt} images: expected at most {MAX_IMAGES} per evaluation')
+
+
 def run_eval(records: Sequence[dict], generate: Generator, *, images_per_prompt: int = 4, seed: int = 0,
              batch_size: int = 64, out: str | Path | None = None, failures_png: str | Path | None = None,
              max_failures: int = 48, extra: dict | None = None, verbose: bool = True) -> dict:

@@ -8,6 +8,7 @@ says which model numbers go with which mesh axes and hands over the boxed abstra
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, Iterable, Mapping
 
 import flax.linen as nn
@@ -16,6 +17,15 @@ from jax.sharding import Mesh
 
 from ecdit.parallel.mesh import BATCH_AXES
 from ecdit.parallel.rules import param_specs
+
+
+def host_memory_bytes() -> int | None:
+  """This machine's physical memory in bytes (None where the OS does not say): the bound of a batch, an image
+  count or an expert count that could never fit, refused before anything is allocated."""
+  try:
+    return os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
+  except (ValueError, OSError, AttributeError):
+    return None
 
 
 def require_divisible(what: str, value: int, mesh_shape: Mapping[str, int], axes: str | Iterable[str]) -> None:

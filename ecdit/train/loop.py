@@ -14,6 +14,7 @@ from absl import logging
 
 from ecdit import outputs
 from ecdit import parallel
+from ecdit.parallel import checks
 from ecdit.config import experiment as config_lib
 from ecdit.data import batch as batch_lib
 from ecdit.data import pipeline, prepare
@@ -175,6 +176,24 @@ def check_resume_within_num_steps(workdir: Path, num_steps: int) -> None:
         f'with --config.train.num_steps={max(steps)} or more, or use a new workdir')
 
 
+def check_batch_fits_host(cfg, mcfg, processes: int = 1, memory: int | None = None) -> None:
+  """One process's share of train.batch_size, as the float32 `x0` and the text arrays of one batch (the
+  least the pipeline holds on the host), must fit in the host's physical memory: a larger one would only hang
+  or be killed in the pipeline or the compile. ConfigError naming the key, the bytes and the limit."""
+  memory = checks.host_memory_bytes() if memory is None else memory
+  if not memory:
+    return
+  per_process = -(-cfg.train.batch_size // max(1, processes))
+  text = mcfg.text_length * (4 * (mcfg.text_states_dim if mcfg.text_encoder == 'precomputed' else 1) + 1)
+  example = mcfg.image_size ** 2 * mcfg.in_channels * 4 + text
+  need = per_process * example
+  if need > memory:
+    raise config_lib.ConfigError(
+        f'train.batch_size={cfg.train.batch_size} is too large: one batch of {per_process} examples per process '
+        f'needs {need / 2**30:.1f} GiB of host memory for its arrays alone ({example} bytes each), more than '
+        f'this machine\'s {memory / 2**30:.1f} GiB; expected at most {memory // example} per process')
+
+
 def train(cfg, workdir: str | Path, *, progress: bool = True, data_fn=None, devices=None) -> dict:
   """Trains `cfg` in `workdir`, resuming from its latest readable checkpoint. Returns a summary dict.
 
@@ -185,6 +204,7 @@ def train(cfg, workdir: str | Path, *, progress: bool = True, data_fn=None, devi
   wall = Timer()
   workdir = Path(workdir)
   mcfg = config_lib.validate(cfg)
+  check_batch_fits_host(cfg, mcfg, jax.process_count())
   resolved = resolved_config(cfg, mcfg)
   # Nothing is written before the workdir is known to be new, empty or a run of this very model.
   check_layout_matches_run(workdir, mcfg, cfg.train)
@@ -206,8 +226,6 @@ def train(cfg, workdir: str | Path, *, progress: bool = True, data_fn=None, devi
   decode = frozen.decoder(cfg.data)   # latents -> pixels for previews (data.vae_dir)
   encode_text = frozen.text_step(cfg.data, setup.mesh)   # data.precompute_text=False: encoder in the loop
   workdir.mkdir(parents=True, exist_ok=True)   # every process saves its checkpoint shards here
-  if main_process:
-    write_run_config(workdir, resolved)
   ckpt = ckpt_lib.Checkpointer(workdir, keep=t.keep_checkpoints, use_async=t.async_checkpoints)
 
   def check_data(data_state, step):   # a bad data-iterator state makes its checkpoint unreadable (fallback)
@@ -224,6 +242,8 @@ def train(cfg, workdir: str | Path, *, progress: bool = True, data_fn=None, devi
       state, data_state, start = restored
       data_iter.set_state(data_state)
       print(f'resuming {cfg.name} from checkpoint step {start} in {ckpt.directory}', flush=True)
+    if main_process:   # only once a checkpoint restored (or there was none): all damaged leaves it as it was
+      write_run_config(workdir, resolved)
     writer = MetricsWriter(workdir, start_step=start, enabled=main_process)
     sampler = sampler_lib.from_config(setup.model, cfg.sample, clip=decode is None)
   except BaseException:
