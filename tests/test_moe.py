@@ -387,3 +387,14 @@ def test_bench_routing_refuses_bad_flags_before_measuring():
   with pytest.raises(ValueError, match=r'^--experts=256 is invalid: its expert weights and gradients at d=64 need '
                                        r'0\.1 GiB, more than this machine\'s 0\.0 GiB of memory$'):
     bench_routing.check_args(**{**good, 'experts': (256,)}, width=64, memory=2**20)
+
+
+def test_bench_profile_and_parts_bound_the_expert_count():
+  from ecdit.bench import suite as bench_suite
+  bench_suite.check_bench_experts([8, 64], memory=64 * 2**30)
+  with pytest.raises(ValueError, match=r'^--experts=257 is invalid: expected at most 256, the tokens per image'):
+    bench_suite.check_bench_experts([8, 257])
+  # 64 experts × 6 sparse layers × (w_in + w_out: 2·384·1536) × 4 bytes × 5 copies = 8.44 GiB
+  with pytest.raises(ValueError, match=r'^--experts=64 is invalid: .* need 8\.4 GiB, more than this machine\'s '
+                                       r'4\.0 GiB'):
+    bench_suite.check_bench_experts([64], memory=4 * 2**30)

@@ -46,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ecdit import parallel
+from ecdit.parallel import checks
 from ecdit.bench import flops as flops_lib
 from ecdit.bench import routing as routing_bench
 from ecdit.bench import torch_calibration
@@ -69,6 +70,24 @@ SUITES = {
 
 def bench_config(**overrides) -> ModelConfig:
   return ModelConfig(**{**BENCH_MODEL, **overrides}).validate()
+
+
+def check_bench_experts(experts, flag: str = '--experts', memory: int | None = None) -> None:
+  """Expert counts the bench model can train here: at most its tokens per image (each expert picks from one
+  image's tokens), and a train state (params, gradients, two moments, EMA: 5 float32 copies of the experts)
+  that fits this machine's memory. Raises ValueError naming the flag before anything is allocated."""
+  cfg = bench_config()
+  tokens = (cfg.image_size // cfg.patch_size) ** 2
+  most = max(experts)
+  if most > tokens:
+    raise ValueError(f'{flag}={most} is invalid: expected at most {tokens}, the tokens per image each expert '
+                     'of the bench model chooses from')
+  sparse = sum(cfg.is_sparse_block(i) for i in range(cfg.depth))
+  need = 5 * most * sparse * 2 * cfg.width * cfg.mlp_ratio * cfg.width * 4
+  memory = checks.host_memory_bytes() if memory is None else memory
+  if memory and need > memory:
+    raise ValueError(f'{flag}={most} is invalid: the bench model\'s experts and their optimizer state need '
+                     f'{need / 2**30:.1f} GiB, more than this machine\'s {memory / 2**30:.1f} GiB of memory')
 
 
 # ---- the compiled functions -----------------------------------------------------------------------------

@@ -65,7 +65,10 @@ def _suite():
 def _profile():
   # Imported here, not above: importing it sets the XLA flag that dumps the traced step, for this one only.
   from ecdit.bench import profile  # pylint: disable=import-outside-toplevel
-  profile.run(batch=_BATCH.value, experts=_ints(_EXPERTS)[0])
+  experts = _ints(_EXPERTS)[:1]
+  with cflags.translate():
+    suite.check_bench_experts(experts)
+  profile.run(batch=_BATCH.value, experts=experts[0])
 
 
 def _variants():
@@ -80,7 +83,10 @@ def _variants():
 
 
 def _parts():
-  parts.run(_ints(_EXPERTS), batch=_BATCH.value, reps=_REPS.value or 5)
+  experts = _ints(_EXPERTS)
+  with cflags.translate():
+    suite.check_bench_experts(experts)
+  parts.run(experts, batch=_BATCH.value, reps=_REPS.value or 5)
 
 
 @dataclasses.dataclass(frozen=True)
