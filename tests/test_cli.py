@@ -59,6 +59,7 @@ def test_bad_config_is_one_line(args, needle, tmp_path):
     ({'train.grad_clip': float('inf')}, 'train.grad_clip=inf'),
     ({'train.ema_decay': 1.0}, 'train.ema_decay=1.0'),
     ({'sample.cfg_scale': float('inf')}, 'sample.cfg_scale=inf'),
+    ({'sample.num_steps': 10**9}, 'sample.num_steps=1000000000 is invalid: expected an integer from 1 to 10000'),
     ({'model.capacity_factor': float('nan')}, 'model.capacity_factor=nan is invalid: expected a finite number > 0'),
     ({'model.eval_capacity_factor': float('inf')}, 'model.eval_capacity_factor=inf'),
     ({'model.router_init_std': float('nan')}, 'model.router_init_std=nan is invalid: expected a finite number >= 0'),
@@ -264,6 +265,11 @@ def test_number_and_prompt_flag_checks():
   for empty in ('', ' ; '):   # given but empty: an error, not the default
     with pytest.raises(errors.UsageError, match='^--prompts=.* holds no prompt'):
       cflags.prompt_list(Flag(name='prompts', value=empty), 'c')
+  for ok in (None, 1, 10_000):
+    cflags.ode_steps(Flag(name='steps', value=ok))
+  for bad in (0, 10_001, 10**9):   # 1e9 ODE steps would run for days
+    with pytest.raises(errors.UsageError, match=rf'^--steps={bad} is invalid: expected an integer from 1 to 10000'):
+      cflags.ode_steps(Flag(name='steps', value=bad))
 
 
 def test_image_counts_are_bounded_before_a_checkpoint_is_read():

@@ -53,7 +53,7 @@ def _prompts_and_records(value: str | None, default: str | None):
 def main(argv):
   cflags.no_arguments(argv)
   cflags.require(_WORKDIR)
-  cflags.at_least(_STEPS, 1)
+  cflags.ode_steps(_STEPS)
   cflags.at_least(_BATCH, 1)
   cflags.at_least(_SCENES, 0)
   if not 0.0 < _MIN_FG.value <= 1.0:

@@ -63,8 +63,9 @@ def _check_outputs(out: Path) -> Path:
 def main(argv):
   cflags.quiet_logging()
   cflags.no_arguments(argv)
-  for f in (_N, _NUM_PROMPTS, _BATCH, _STEPS, _STEP):
+  for f in (_N, _NUM_PROMPTS, _BATCH, _STEP):
     cflags.at_least(f, 1)
+  cflags.ode_steps(_STEPS)
   cflags.at_least(_MAX_FAILURES, 0)
   cflags.at_least(_CFG_SCALE, 0.0)
   if _IMAGE_SIZE.value < 8:

@@ -58,7 +58,7 @@ def main(argv):
   cflags.no_arguments(argv)
   cflags.require(_WORKDIR)
   cflags.require(_OUT)
-  cflags.at_least(_STEPS, 1)
+  cflags.ode_steps(_STEPS)
   cflags.at_least(_CFG_SCALE, 0.0)
   stablehlo.check_platforms(_PLATFORMS.value)
   # Before the restore: not into a run, not over a folder that is not an earlier export of this format.

@@ -172,6 +172,13 @@ def at_least(holder: flags.FlagHolder, minimum: int | float) -> None:
     raise errors.UsageError(f'--{holder.name}={holder.value} is invalid: expected {kind}')
 
 
+def ode_steps(holder: flags.FlagHolder) -> None:
+  """A `--steps` flag (sampler ODE steps), when given: 1 to config.MAX_SAMPLE_STEPS."""
+  if holder.value is not None and not 1 <= holder.value <= experiment_lib.MAX_SAMPLE_STEPS:
+    raise errors.UsageError(f'--{holder.name}={holder.value} is invalid: expected an integer from 1 to '
+                            f'{experiment_lib.MAX_SAMPLE_STEPS} (ODE steps)')
+
+
 def prompt_list(holder: flags.FlagHolder, default: str | None = None) -> list[str]:
   """The ';'-separated prompts of a --prompts flag, blanks dropped. `default` (a run's sample.prompts) is used
   only when the flag was not given: a given but empty --prompts is an error, never the default."""

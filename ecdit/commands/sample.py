@@ -36,7 +36,7 @@ def main(argv):
   cflags.require(_WORKDIR)
   workdir = Path(_WORKDIR.value)
   cflags.at_least(_REPEAT, 1)
-  cflags.at_least(_STEPS, 1)
+  cflags.ode_steps(_STEPS)
   cflags.at_least(_STEP, 1)
   cflags.at_least(_CFG_SCALE, 0.0)
   given = cflags.prompt_list(_PROMPTS) if _PROMPTS.value is not None else None   # an empty one: an error

@@ -30,6 +30,7 @@ NAN_POLICIES = ('skip', 'stop')
 T_SAMPLINGS = ('logit_normal', 'uniform')
 SAMPLERS = ('euler', 'heun')
 MAX_LEARNING_RATE = 10.0
+MAX_SAMPLE_STEPS = 10_000   # ODE steps of a sampler: far past where more steps change a sample
 REMAT_POLICIES = ('none', 'full', 'dots', 'save_moe')   # train.remat; ecdit.models.stack says what each keeps
 MOMENT_DTYPES = ('float32', 'bfloat16')   # train.moment_dtype; ecdit.train.optim.moment_dtype says what each does
 _TYPES = {'int': int, 'float': float, 'str': str, 'bool': bool}
@@ -254,7 +255,8 @@ def validate(cfg) -> ModelConfig:
   number('diffusion.t_mean')
   number('diffusion.mask_ratio', lo=0, hi=1, hi_open=True)
   choice('sample.sampler', SAMPLERS)
-  integer('sample.num_steps')
+  if integer('sample.num_steps') > MAX_SAMPLE_STEPS:
+    _fail('sample.num_steps', cfg.sample.num_steps, f'an integer from 1 to {MAX_SAMPLE_STEPS}')
   integer('sample.seed', lo=0)
   number('sample.cfg_scale', lo=0)
   if not isinstance(cfg.sample.prompts, str) or not [p for p in cfg.sample.prompts.split(';') if p.strip()]:
