@@ -6,14 +6,11 @@ search: what a bigger token grid, batch or bfloat16 would cost before training o
 
 Ratios hold on a shared machine (all candidates slow alike); absolute times only within one run. The step
 is the bench's (`ecdit.bench.suite.build_case`: the training code's step, default train settings, one device)
-on random inputs of shapes_tiny's batch contract (token ids, not text states).
+on random inputs of shapes_tiny's batch contract (`suite.random_batch`: token ids for its own text encoder).
 """
 import dataclasses
 import sys
 from pathlib import Path
-
-import jax.numpy as jnp
-import numpy as np
 
 from ecdit.bench import suite
 from ecdit.config import experiment
@@ -30,19 +27,9 @@ CANDIDATES = {   # name: (model overrides, batch)
 }
 
 
-def token_batch(cfg, batch: int) -> dict:
-  """Random x0, token ids and a mask of 4–11 real tokens (shapes captions are short), seed 0."""
-  r = np.random.RandomState(0)
-  length = cfg.text_length
-  return dict(x0=jnp.asarray(r.normal(size=(batch, cfg.image_size, cfg.image_size, cfg.in_channels)), jnp.float32),
-              text=jnp.asarray(r.randint(3, cfg.vocab_size, (batch, length)), jnp.int32),
-              text_mask=jnp.asarray(np.arange(length)[None, :] < r.randint(4, 12, (batch, 1))))
-
-
 def main(names):
   tiny = experiment.experiment_module(Path(__file__).resolve().parents[1] / 'experiments' / 'shapes_tiny.py')
   base = experiment.validate(tiny.get_config())
-  suite.random_batch = token_batch   # the suite's batch is text states; shapes_tiny encodes token ids
   cases = []
   for name in names:
     over, batch = CANDIDATES[name]

@@ -67,11 +67,10 @@ def check_args(tokens: int, reps: int, warmup: int, experts: Sequence[int], grou
   if most > min(groups):
     raise ValueError(f'--experts={most} is invalid: expected at most {min(groups)}, the tokens of the smallest '
                      f'routing group (--group_sizes={",".join(map(str, groups))}) each expert chooses from')
-  memory = checks.host_memory_bytes() if memory is None else memory
-  need = 2 * most * 2 * width * 4 * width * 4   # w_in and w_out of every expert, float32, and their gradients
-  if memory and need > memory:
-    raise ValueError(f'--experts={most} is invalid: its expert weights and gradients at d={width} need '
-                     f'{need / 2**30:.1f} GiB, more than this machine\'s {memory / 2**30:.1f} GiB of memory')
+  # w_in and w_out of every expert, float32, and their gradients
+  short = checks.memory_shortfall(2 * most * 2 * width * 4 * width * 4, memory)
+  if short:
+    raise ValueError(f'--experts={most} is invalid: its expert weights and gradients at d={width} need {short}')
 
 
 def measure(experts: int, group: int, tokens: int, width: int, warmup: int, reps: int,

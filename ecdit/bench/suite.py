@@ -83,11 +83,9 @@ def check_bench_experts(experts, flag: str = '--experts', memory: int | None = N
     raise ValueError(f'{flag}={most} is invalid: expected at most {tokens}, the tokens per image each expert '
                      'of the bench model chooses from')
   sparse = sum(cfg.is_sparse_block(i) for i in range(cfg.depth))
-  need = 5 * most * sparse * 2 * cfg.width * cfg.mlp_ratio * cfg.width * 4
-  memory = checks.host_memory_bytes() if memory is None else memory
-  if memory and need > memory:
-    raise ValueError(f'{flag}={most} is invalid: the bench model\'s experts and their optimizer state need '
-                     f'{need / 2**30:.1f} GiB, more than this machine\'s {memory / 2**30:.1f} GiB of memory')
+  short = checks.memory_shortfall(5 * most * sparse * 2 * cfg.width * cfg.mlp_ratio * cfg.width * 4, memory)
+  if short:
+    raise ValueError(f'{flag}={most} is invalid: the bench model\'s experts and their optimizer state need {short}')
 
 
 # ---- the compiled functions -----------------------------------------------------------------------------
@@ -122,13 +120,16 @@ class Case:
 
 
 def random_batch(cfg: ModelConfig, batch: int) -> dict:
-  """Random step arrays of the batch contract (x0, text states, text_mask), fixed by seed 0."""
+  """Random step arrays of the batch contract, fixed by seed 0: x0, the text (states for a 'precomputed'
+  encoder, token ids for ecdit's own) and text_mask."""
   r = np.random.RandomState(0)
   L = cfg.text_length
-  return dict(x0=jnp.asarray(r.normal(size=(batch, cfg.image_size, cfg.image_size, cfg.in_channels)),
-                             jnp.float32),
-              text=jnp.asarray(r.normal(size=(batch, L, cfg.text_states_dim)), jnp.float32),
-              text_mask=jnp.asarray(np.arange(L)[None, :] < r.randint(L // 2, L + 1, (batch, 1))))
+  x0 = jnp.asarray(r.normal(size=(batch, cfg.image_size, cfg.image_size, cfg.in_channels)), jnp.float32)
+  if cfg.text_encoder == 'precomputed':
+    text = jnp.asarray(r.normal(size=(batch, L, cfg.text_states_dim)), jnp.float32)
+  else:
+    text = jnp.asarray(r.randint(3, cfg.vocab_size, (batch, L)), jnp.int32)   # past the pad / unk / end ids
+  return dict(x0=x0, text=text, text_mask=jnp.asarray(np.arange(L)[None, :] < r.randint(L // 2, L + 1, (batch, 1))))
 
 
 def _param_count(cfg: ModelConfig) -> int:

@@ -101,7 +101,7 @@ def _write(builder, root: pathlib.Path) -> None:
   try:
     builder.download_and_prepare()
   except (OSError, RuntimeError) as e:
-    raise PrepareError(f'writing the dataset under data.dir={root} failed ({str(e).strip().splitlines()[0][:200]}); the partial '
+    raise PrepareError(f'writing the dataset under data.dir={root} failed ({reader.first_line(e)}); the partial '
                        'copy was removed: free space there or choose another data.dir, then run again') from e
 
 

@@ -29,7 +29,8 @@ def remake_hint(path: pathlib.Path | None = None) -> str:
   return f'delete {path or "that folder"} and run `ecdit prepare` with the same config to rebuild it'
 
 
-def _reason(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
+  """An error's first line (its type's name when it has no message), at most 200 characters."""
   return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
@@ -47,12 +48,12 @@ def open_builder(dataset_dir: str | pathlib.Path, image_size: int | None = None)
     try:
       json.loads(file.read_text('utf-8'))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-      raise DataError(f'{file} is not valid JSON ({_reason(e)}): the prepared dataset is damaged; '
+      raise DataError(f'{file} is not valid JSON ({first_line(e)}): the prepared dataset is damaged; '
                       f'{remake_hint(path)}') from e
   try:
     builder = tfds.builder_from_directory(str(path))
   except (json_format.ParseError, ValueError, KeyError, TypeError, AttributeError) as e:
-    raise DataError(f'{path} is not a readable tfds dataset ({type(e).__name__}: {_reason(e)}); '
+    raise DataError(f'{path} is not a readable tfds dataset ({type(e).__name__}: {first_line(e)}); '
                     f'{remake_hint(path)}') from e
   if image_size is not None:
     features_lib.check_features(builder.info.features, image_size, path)
@@ -77,7 +78,7 @@ class Source:
 
   def _damaged(self, e: BaseException, what: str) -> DataError:
     return DataError(f'{self.dataset_dir}: the prepared dataset is damaged: {what} of split {self.split!r} cannot '
-                     f'be read ({_reason(e)}); {remake_hint()}')
+                     f'be read ({first_line(e)}); {remake_hint()}')
 
   def __getitem__(self, key):
     try:

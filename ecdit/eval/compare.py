@@ -141,9 +141,10 @@ def read_records(path: Path) -> list[dict]:
   return records
 
 
-def read_curve(path: Path) -> tuple[str, list[tuple[int, float]]]:
-  """(loss key, [(step, loss)]) from a metrics.jsonl; a torn last line (killed run) is skipped with a warning."""
-  records = read_records(path)
+def read_curve(path: Path, records: list[dict] | None = None) -> tuple[str, list[tuple[int, float]]]:
+  """(loss key, [(step, loss)]) from a metrics.jsonl (or its `records`, already read); a torn last line
+  (killed run) is skipped with a warning."""
+  records = read_records(path) if records is None else records
   key = 'flow_loss' if any('flow_loss' in r for r in records) else 'loss'
   curve = [(r['step'], float(r[key])) for r in records if _is_number(r.get(key)) and math.isfinite(r[key])]
   if not curve:
@@ -151,17 +152,11 @@ def read_curve(path: Path) -> tuple[str, list[tuple[int, float]]]:
   return key, curve
 
 
-def step_ms(path: Path) -> float | None:
+def step_ms(records: list[dict]) -> float | None:
   """1000 / the last logged finite `steps_per_sec` (the loop logs the steady-state mean since step 1)."""
-  rate = None
-  for line in path.read_text().splitlines():
-    try:
-      r = json.loads(line).get('steps_per_sec')
-    except (json.JSONDecodeError, AttributeError):
-      continue
-    if isinstance(r, (int, float)) and math.isfinite(r) and r > 0:
-      rate = r
-  return 1000 / rate if rate else None
+  rates = [r['steps_per_sec'] for r in records
+           if _is_number(r.get('steps_per_sec')) and math.isfinite(r['steps_per_sec']) and r['steps_per_sec'] > 0]
+  return 1000 / rates[-1] if rates else None
 
 
 def _expect(ok: bool, path: Path, key: str, expected: str, value) -> None:
@@ -215,7 +210,8 @@ def load_run(workdir, label: str | None = None) -> RunSummary:
   cfg = _read_json(wd / 'config.json')
   model = _check_config(cfg, wd / 'config.json')
   routing = model.get('routing', 'dense')
-  key, curve = read_curve(wd / 'metrics.jsonl')
+  records = read_records(wd / 'metrics.jsonl')
+  key, curve = read_curve(wd / 'metrics.jsonl', records)
   last = [loss for _, loss in curve[-FINAL_LOSS_WINDOW:]]
   run = RunSummary(
       label=label or cfg.get('name') or wd.name, workdir=str(wd), name=cfg.get('name', wd.name),
@@ -223,7 +219,8 @@ def load_run(workdir, label: str | None = None) -> RunSummary:
       capacity_factor=model.get('capacity_factor') if routing == 'expert_choice' else None,
       top_k=model.get('top_k') if routing == 'token_choice' else None,
       steps=curve[-1][0], loss_key=key, curve=curve, final_loss=sum(last) / len(last),
-      seed=cfg['seed'] if isinstance(cfg.get('seed'), int) else None, config_key=seeds.config_key(cfg), step_ms=step_ms(wd / 'metrics.jsonl'))
+      seed=cfg['seed'] if isinstance(cfg.get('seed'), int) else None, config_key=seeds.config_key(cfg),
+      step_ms=step_ms(records))
 
   eval_path = _newest_step_path((wd / 'eval').glob('step_*.json'))
   if eval_path:

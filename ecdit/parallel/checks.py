@@ -28,6 +28,15 @@ def host_memory_bytes() -> int | None:
     return None
 
 
+def memory_shortfall(need: int, memory: int | None = None) -> str | None:
+  """None if `need` bytes fit this machine's memory (or `memory`; unknown: they fit), else the words of an
+  error's end: 'X GiB, more than this machine's Y GiB of memory'."""
+  memory = host_memory_bytes() if memory is None else memory
+  if not memory or need <= memory:
+    return None
+  return f"{need / 2**30:.1f} GiB, more than this machine's {memory / 2**30:.1f} GiB of memory"
+
+
 def require_divisible(what: str, value: int, mesh_shape: Mapping[str, int], axes: str | Iterable[str]) -> None:
   """ValueError `'{what}={value} is not divisible by mesh {a·b}={n}'` unless the product of `axes` divides it."""
   axes = (axes,) if isinstance(axes, str) else tuple(axes)
